@@ -1,0 +1,1 @@
+"""Shared, Flower-free code for fedmm: config, data, models."""

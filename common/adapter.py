@@ -1,0 +1,58 @@
+"""The adapter state: the trainable tensors that travel between sites and the server.
+
+`adapter_state` is PEFT's own `get_peft_model_state_dict` (LoRA factors + `modules_to_save`);
+nothing frozen is ever in it. Conversions to and from NumPy keep `common/` Flower-free: the apps
+wrap these dicts in Flower records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+
+class AdapterMismatch(ValueError):
+    """An incoming adapter state does not fit this model (keys, shapes or dtypes)."""
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Return the trainable tensors that travel, detached, on CPU, in a stable key order."""
+    state = get_peft_model_state_dict(model)
+    return {k: state[k].detach().to("cpu", copy=True) for k in sorted(state)}
+
+
+def check_compatible(reference: dict[str, torch.Tensor], incoming: dict[str, np.ndarray]) -> None:
+    """Raise AdapterMismatch unless `incoming` has exactly the reference keys and shapes."""
+    missing = sorted(set(reference) - set(incoming))
+    extra = sorted(set(incoming) - set(reference))
+    if missing or extra:
+        raise AdapterMismatch(f"keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, ref in reference.items():
+        if tuple(incoming[key].shape) != tuple(ref.shape):
+            raise AdapterMismatch(f"{key}: shape {tuple(incoming[key].shape)} != {tuple(ref.shape)}")
+
+
+def set_adapter_state(model: PeftModel, state: dict[str, np.ndarray | torch.Tensor]) -> None:
+    """Load an adapter state into `model` in place, refusing anything that does not fit."""
+    reference = adapter_state(model)
+    arrays = {k: np.asarray(v) if not torch.is_tensor(v) else v.cpu().numpy()
+              for k, v in state.items()}
+    check_compatible(reference, arrays)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])).to(reference[k].dtype)
+               for k in reference}
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise AdapterMismatch(f"PEFT did not place keys: {unexpected[:3]}")
+
+
+def to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Convert an adapter state to NumPy arrays (float32 on the wire)."""
+    return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
+
+
+def state_bytes(state: dict[str, np.ndarray] | dict[str, torch.Tensor]) -> int:
+    """Bytes of an adapter state's tensors as sent."""
+    return int(sum(v.nbytes if isinstance(v, np.ndarray) else v.numel() * v.element_size()
+                   for v in state.values()))

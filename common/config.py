@@ -1,0 +1,203 @@
+"""Typed config schema for fedmm, validated before any work starts.
+
+Values live once, in the Hydra YAML tree under `common/conf/`; the dataclasses here only give
+types and allowed ranges. `load_config(overrides)` composes that tree (Hydra `compose`, so it
+works the same inside Flower apps), `validate(cfg)` turns a composed DictConfig into a `Config`
+or raises `ConfigError` with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+EMBEDDED_TEXT_ENCODER = "embedded:all-MiniLM-L6-v2"
+MODALITIES = ("image", "text")
+STRATEGIES = ("fedavg", "fedprox")
+PARTITIONS = ("iid", "dirichlet")
+DATA_SOURCES = ("demo", "manifest")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value a user set is out of range; the message names the key."""
+
+
+@dataclass
+class LoraConfigSchema:
+    r: int
+    alpha: int
+    dropout: float
+
+
+@dataclass
+class TextTowerConfig:
+    name_or_path: str
+    max_length: int
+    target_modules: list[str] | None = None  # None: the attention projections of the tower
+
+
+@dataclass
+class VisionTowerConfig:
+    name_or_path: str | None  # None: a small CNN built from `channels`, trained in full
+    image_size: int
+    channels: list[int] = field(default_factory=list)
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class ModelConfig:
+    text: TextTowerConfig
+    vision: VisionTowerConfig
+    lora: LoraConfigSchema
+    fusion_dim: int
+    modalities: list[str]
+
+
+@dataclass
+class DataConfig:
+    source: str
+    train: str | None  # manifest paths; for `demo` they are filled in by the generator
+    test: str | None
+    demo_dir: str
+    demo_train: int
+    demo_test: int
+    seed: int
+
+
+@dataclass
+class PartitionConfig:
+    name: str
+    num_clients: int
+    alpha: float
+    min_partition_size: int
+
+
+@dataclass
+class StrategyConfig:
+    name: str
+    rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_available_nodes: int
+    proximal_mu: float
+    local_epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+
+
+@dataclass
+class SimulationConfig:
+    client_num_cpus: int
+    client_num_gpus: float
+    timeout_s: int
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    partition: PartitionConfig
+    strategy: StrategyConfig
+    simulation: SimulationConfig
+    seed: int
+    device: str
+    output_dir: str
+
+
+def load_config(overrides: list[str] | None = None) -> Config:
+    """Compose the packaged Hydra tree with `overrides` and validate it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose(config_name="config", overrides=list(overrides or []))
+        except OmegaConfBaseException as err:  # unknown key, bad group choice
+            raise ConfigError(str(err).splitlines()[0]) from None
+    return validate(cfg)
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Check types against the schema and values against their ranges."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or "config"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    _check_ranges(config)
+    return config
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed} (got {value!r})")
+
+
+def _check_ranges(c: Config) -> None:
+    m, d, p, s = c.model, c.data, c.partition, c.strategy
+    _require(m.lora.r > 0, "model.lora.r", "> 0", m.lora.r)
+    _require(m.lora.alpha > 0, "model.lora.alpha", "> 0", m.lora.alpha)
+    _require(0 <= m.lora.dropout < 1, "model.lora.dropout", "in [0, 1)", m.lora.dropout)
+    _require(m.fusion_dim > 0, "model.fusion_dim", "> 0", m.fusion_dim)
+    _require(m.text.max_length > 0, "model.text.max_length", "> 0", m.text.max_length)
+    _require(m.vision.image_size > 0, "model.vision.image_size", "> 0", m.vision.image_size)
+    _require(
+        m.vision.name_or_path is not None or len(m.vision.channels) > 0,
+        "model.vision.channels", "non-empty when model.vision.name_or_path is null",
+        m.vision.channels,
+    )
+    _require(
+        len(m.modalities) > 0 and set(m.modalities) <= set(MODALITIES),
+        "model.modalities", f"a non-empty subset of {list(MODALITIES)}", m.modalities,
+    )
+    _require(d.source in DATA_SOURCES, "data.source", f"one of {list(DATA_SOURCES)}", d.source)
+    if d.source == "manifest":
+        for key, value in (("data.train", d.train), ("data.test", d.test)):
+            _require(bool(value), key, "a manifest path when data.source=manifest", value)
+            _require(Path(str(value)).is_file(), key, "an existing file", value)
+    else:
+        _require(d.demo_train > 0, "data.demo_train", "> 0", d.demo_train)
+        _require(d.demo_test > 0, "data.demo_test", "> 0", d.demo_test)
+    _require(p.name in PARTITIONS, "partition.name", f"one of {list(PARTITIONS)}", p.name)
+    _require(p.num_clients > 0, "partition.num_clients", "> 0", p.num_clients)
+    _require(p.alpha > 0, "partition.alpha", "> 0", p.alpha)
+    _require(p.min_partition_size >= 0, "partition.min_partition_size", ">= 0",
+             p.min_partition_size)
+    _require(s.name in STRATEGIES, "strategy.name", f"one of {list(STRATEGIES)}", s.name)
+    _require(s.rounds > 0, "strategy.rounds", "> 0", s.rounds)
+    _require(0 < s.fraction_train <= 1, "strategy.fraction_train", "in (0, 1]", s.fraction_train)
+    _require(0 <= s.fraction_evaluate <= 1, "strategy.fraction_evaluate", "in [0, 1]",
+             s.fraction_evaluate)
+    _require(1 <= s.min_train_nodes <= p.num_clients, "strategy.min_train_nodes",
+             f"in [1, partition.num_clients={p.num_clients}]", s.min_train_nodes)
+    _require(1 <= s.min_available_nodes <= p.num_clients, "strategy.min_available_nodes",
+             f"in [1, partition.num_clients={p.num_clients}]", s.min_available_nodes)
+    _require(s.proximal_mu >= 0, "strategy.proximal_mu", ">= 0", s.proximal_mu)
+    _require(s.name != "fedprox" or s.proximal_mu > 0, "strategy.proximal_mu",
+             "> 0 with strategy=fedprox", s.proximal_mu)
+    _require(s.local_epochs > 0, "strategy.local_epochs", "> 0", s.local_epochs)
+    _require(s.batch_size > 0, "strategy.batch_size", "> 0", s.batch_size)
+    _require(s.lr > 0, "strategy.lr", "> 0", s.lr)
+    _require(s.weight_decay >= 0, "strategy.weight_decay", ">= 0", s.weight_decay)
+    _require(c.device in DEVICES, "device", f"one of {list(DEVICES)}", c.device)
+    _require(c.simulation.client_num_cpus > 0, "simulation.client_num_cpus", "> 0",
+             c.simulation.client_num_cpus)
+    _require(c.simulation.timeout_s > 0, "simulation.timeout_s", "> 0", c.simulation.timeout_s)
+
+
+def to_json(config: Config) -> str:
+    """Serialise a validated config (what travels in Flower's run config)."""
+    return json.dumps(asdict(config), sort_keys=True)
+
+
+def from_json(text: str) -> Config:
+    """Rebuild and re-validate a config that arrived as JSON (no `_target_` is ever honoured)."""
+    return validate(json.loads(text))

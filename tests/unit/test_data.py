@@ -1,0 +1,143 @@
+"""Manifest loading and encoding on real files written to tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.data import (Encoded, ManifestError, encode, encode_images, encode_labels,
+                         label_names, load_manifest)
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _png(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 12)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 40, 90)).convert(mode).save(path)
+    return str(path)
+
+
+def _csv(path: Path, rows: list[dict], fields: tuple[str, ...] = ("image", "text", "label")
+         ) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _rows(tmp_path: Path, n: int) -> list[dict]:
+    labels = ["b", "a", "c"]
+    return [{"image": Path(_png(tmp_path / "img" / f"{i}.png")).relative_to(tmp_path).as_posix(),
+             "text": f"note {i}", "label": labels[i % 3]} for i in range(n)]
+
+
+def test_csv_manifest_loads_and_resolves_relative_paths(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "train.csv", _rows(tmp_path, 4))
+    ds, stats = load_manifest(path)
+    assert len(ds) == 4 and stats.rows == 4 and stats.skipped == 0
+    for p in ds["image"]:
+        assert Path(p).is_absolute() and Path(p).is_file()
+    assert Path(ds["image"][0]) == (tmp_path / "img" / "0.png").resolve()
+    assert list(ds["text"])[:2] == ["note 0", "note 1"]
+
+
+def test_jsonl_manifest_loads_with_absolute_paths_and_site(tmp_path: Path) -> None:
+    rows = [{"image": _png(tmp_path / f"{i}.png"), "text": "t", "label": "x", "site": "s1"}
+            for i in range(3)]
+    path = tmp_path / "sub" / "m.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds, stats = load_manifest(path)
+    assert stats.rows == 3 and set(ds.column_names) == {"image", "text", "label", "site"}
+    assert list(ds["site"]) == ["s1"] * 3
+
+
+def test_images_of_any_mode_and_size_encode_to_rgb(tmp_path: Path) -> None:
+    paths = [_png(tmp_path / "l.png", "L", (10, 30)), _png(tmp_path / "rgba.png", "RGBA", (64, 64)),
+             _png(tmp_path / "p.png", "P", (7, 5)), _png(tmp_path / "rgb.png", "RGB", (33, 33)),
+             _png(tmp_path / "i16.png", "I;16", (16, 16))]
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (40, 20), (0, 128, 0, 0)).save(cmyk)
+    x = encode_images(paths + [str(cmyk)], 24, MEAN, STD)
+    assert x.shape == (6, 3, 24, 24) and x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+    rgb = x[3] * 0.25 + 0.5  # undo normalisation: channels differ for a coloured RGB image
+    assert torch.allclose(rgb[:, 12, 12], torch.tensor([200, 40, 90]) / 255, atol=0.01)
+
+
+def test_transparent_pixels_become_white(tmp_path: Path) -> None:
+    path = tmp_path / "t.png"
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(path)
+    x = encode_images([str(path)], 8, (0, 0, 0), (1, 1, 1))
+    assert torch.allclose(x, torch.ones_like(x))
+
+
+def test_missing_label_column_names_file_and_column(tmp_path: Path) -> None:
+    rows = [{"image": r["image"], "text": r["text"]} for r in _rows(tmp_path, 2)]
+    path = _csv(tmp_path / "bad.csv", rows, fields=("image", "text"))
+    with pytest.raises(ManifestError, match=r"bad\.csv.*missing column 'label'"):
+        load_manifest(path)
+
+
+def test_missing_manifest_names_file(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="nope.csv"):
+        load_manifest(tmp_path / "nope.csv")
+
+
+def test_bad_rows_are_skipped_counted_and_logged(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    rows = _rows(tmp_path, 5)
+    rows[1]["image"] = "img/does_not_exist.png"
+    rows[3]["label"] = ""
+    path = _csv(tmp_path / "five.csv", rows)
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        ds, stats = load_manifest(path)
+    assert len(ds) == 3 and stats.rows == 3 and stats.skipped == 2
+    assert stats.reasons == {"missing image file": 1, "empty label": 1}
+    assert "five.csv" in caplog.text and "skipped 2 of 5" in caplog.text
+
+
+def test_unreadable_image_and_empty_text_are_skipped(tmp_path: Path) -> None:
+    rows = _rows(tmp_path, 3)
+    (tmp_path / "img" / "0.png").write_bytes(b"not a png")
+    rows[1]["text"] = "   "
+    _, stats = load_manifest(_csv(tmp_path / "m.csv", rows))
+    assert stats.rows == 1 and stats.reasons == {"unreadable image": 1,
+                                                 "empty or non-string text": 1}
+
+
+def test_all_rows_bad_raises(tmp_path: Path) -> None:
+    rows = [{"image": "missing.png", "text": "t", "label": "a"}]
+    with pytest.raises(ManifestError, match="all 1 rows are unusable"):
+        load_manifest(_csv(tmp_path / "m.csv", rows))
+
+
+def test_unknown_test_label_names_label_and_file(tmp_path: Path) -> None:
+    train, _ = load_manifest(_csv(tmp_path / "train.csv", _rows(tmp_path, 3)))
+    rows = _rows(tmp_path, 2)
+    rows[1]["label"] = "zebra"
+    test, _ = load_manifest(_csv(tmp_path / "test.csv", rows))
+    with pytest.raises(ManifestError, match=r"test\.csv.*'zebra'"):
+        encode(test, label_names(train), 8, MEAN, STD, source=tmp_path / "test.csv")
+    with pytest.raises(ManifestError, match="'zebra'"):
+        encode_labels(["a", "zebra"], ["a"])
+
+
+def test_label_names_sorted_unique_and_encode(tmp_path: Path) -> None:
+    ds, _ = load_manifest(_csv(tmp_path / "m.csv", _rows(tmp_path, 6)))
+    names = label_names(ds)
+    assert names == ["a", "b", "c"]
+    enc = encode(ds, names, 16, MEAN, STD)
+    assert isinstance(enc, Encoded) and len(enc) == 6
+    assert enc.pixel_values.shape == (6, 3, 16, 16)
+    assert enc.labels.tolist() == [1, 0, 2, 1, 0, 2]
+    sub = enc.subset(np.array([4, 0]))
+    assert len(sub) == 2 and sub.texts == ["note 4", "note 0"] and sub.labels.tolist() == [0, 1]
