@@ -56,3 +56,23 @@ def state_bytes(state: dict[str, np.ndarray] | dict[str, torch.Tensor]) -> int:
     """Bytes of an adapter state's tensors as sent."""
     return int(sum(v.nbytes if isinstance(v, np.ndarray) else v.numel() * v.element_size()
                    for v in state.values()))
+
+
+def rejection_reason(reference: dict[str, tuple[int, ...]], update: dict[str, np.ndarray],
+                     num_examples: float) -> str | None:
+    """Why a site's update must not be aggregated (None if it is fit to aggregate)."""
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        return f"keys differ from the global adapter: missing {missing[:2]}, unexpected {extra[:2]}"
+    for key, shape in reference.items():
+        value = update[key]
+        if tuple(value.shape) != tuple(shape):
+            return f"{key}: shape {tuple(value.shape)} != {tuple(shape)}"
+        if not np.issubdtype(value.dtype, np.floating):
+            return f"{key}: dtype {value.dtype} is not floating point"
+        if not np.all(np.isfinite(value)):
+            return f"{key}: holds NaN or Inf"
+    if not (num_examples > 0 and np.isfinite(num_examples)):
+        return f"num-examples must be a positive number (got {num_examples})"
+    return None

@@ -1,0 +1,1 @@
+"""fedmm ClientApp: a site's local LoRA fine-tuning and evaluation."""

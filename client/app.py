@@ -1,0 +1,84 @@
+"""fedmm ClientApp: one site. Loads the global adapter, trains on local data, replies.
+
+Simulated, a site's data is partition `partition-id` of the run's training manifest; deployed,
+it is the manifest named by the node config (`--node-config "data-path=/site/train.csv"`).
+The backbone is built once per process (common.task.cached_bundle); each message only swaps
+the adapter tensors.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common import keys
+from common.adapter import adapter_state, set_adapter_state
+from common.config import Config, from_json, load_config
+from common.task import cached_bundle, site_data
+from common.train import evaluate as evaluate_model
+from common.train import pick_device, train_local
+
+app = ClientApp()
+_CONFIGS: dict[str, Config] = {}
+
+
+def run_config(context: Context) -> Config:
+    """The run's validated config (parsed once per process)."""
+    text = str(context.run_config.get(keys.RUN_CONFIG, ""))
+    if text not in _CONFIGS:
+        _CONFIGS[text] = from_json(text) if text else load_config([])
+    return _CONFIGS[text]
+
+
+def _site(msg: Message, context: Context):
+    """Prepare this site's model (global adapter loaded) and data for one message."""
+    cfg = run_config(context)
+    round_cfg = msg.content[keys.CONFIG]
+    bundle = cached_bundle(cfg.model, list(round_cfg[keys.LABEL_NAMES]))
+    set_adapter_state(bundle.model, {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()})
+    node = context.node_config
+    if keys.DATA_PATH in node:  # a deployed site: its own manifest, all of it
+        train, val = site_data(cfg, bundle, train_manifest=str(node[keys.DATA_PATH]))
+    else:  # a simulated site: its partition of the shared manifest
+        train, val = site_data(cfg, bundle, train_manifest=str(round_cfg[keys.TRAIN_MANIFEST]),
+                               partition_id=int(node[keys.PARTITION_ID]))
+    device = pick_device(str(node.get(keys.DEVICE, cfg.device)))
+    return cfg, round_cfg, bundle, train, val, device
+
+
+def _site_number(context: Context) -> int:
+    """A stable number for this site: its partition in simulation, else its node id."""
+    return int(context.node_config.get(keys.PARTITION_ID, context.node_id % 1_000_003))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global adapter on local data and send back the new adapter_state."""
+    cfg, round_cfg, bundle, data, _, device = _site(msg, context)
+    server_round = int(round_cfg[keys.SERVER_ROUND])
+    metrics = train_local(
+        bundle, data, epochs=int(round_cfg[keys.LOCAL_EPOCHS]),
+        batch_size=int(round_cfg[keys.BATCH_SIZE]), lr=float(round_cfg[keys.LR]),
+        weight_decay=float(round_cfg[keys.WEIGHT_DECAY]),
+        proximal_mu=float(round_cfg.get(keys.PROXIMAL_MU, 0.0)),
+        seed=cfg.seed * 100_003 + server_round * 1_009 + _site_number(context),
+        device=device)
+    reply = RecordDict({
+        keys.ARRAYS: ArrayRecord(adapter_state(bundle.model)),
+        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
+                                    keys.TRAIN_LOSS: metrics["train_loss"]}),
+    })
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global adapter on this site's held-out validation data."""
+    _, _, bundle, train, val, device = _site(msg, context)
+    data = val if len(val) else train  # a site too small to hold data out
+    result = evaluate_model(bundle, data, device=device)
+    reply = RecordDict({keys.METRICS: MetricRecord({
+        keys.NUM_EXAMPLES: len(data), keys.EVAL_LOSS: result["loss"],
+        keys.EVAL_ACCURACY: result["accuracy"]})})
+    return Message(content=reply, reply_to=msg)
+

@@ -1,0 +1,29 @@
+"""Record, config and metric key strings shared by the ServerApp and the ClientApp."""
+
+# Flower run config (pyproject [tool.flwr.app.config]) and node config
+RUN_CONFIG = "fedmm-config"        # JSON of a validated common.config.Config
+PARTITION_ID = "partition-id"      # simulation: set by Flower's simulation engine
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"            # deployment: the site's own training manifest
+DEVICE = "device"                  # deployment: cpu / cuda / auto
+
+# Records inside a Message
+ARRAYS = "arrays"                  # Flower's default ArrayRecord key: the adapter_state
+CONFIG = "config"                  # Flower's default ConfigRecord key
+METRICS = "metrics"
+
+# Round config (server -> client)
+SERVER_ROUND = "server-round"      # set by Flower's strategies
+PROXIMAL_MU = "proximal-mu"        # set by Flower's FedProx
+LR = "lr"
+LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+WEIGHT_DECAY = "weight-decay"
+LABEL_NAMES = "label-names"        # the global label set, in class-index order
+TRAIN_MANIFEST = "train-manifest"  # simulation: the manifest that partitions are cut from
+
+# Metrics (client -> server)
+NUM_EXAMPLES = "num-examples"      # Flower's default weighting key
+TRAIN_LOSS = "train-loss"
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"

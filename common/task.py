@@ -1,0 +1,98 @@
+"""What a site or the server needs for one run, built once per process and cached.
+
+The Flower apps call only these functions: `prepare_manifests` (generate the demo data or check
+the user's manifests), `cached_bundle` (the backbone, built once per worker process and reused
+across rounds and virtual clients: only the adapter is swapped per message), `site_data` (a
+site's train/validation split: its partition in simulation, its own manifest in deployment) and
+`test_data` (the server's held-out split).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import datasets
+
+from common.config import Config, ModelConfig, PartitionConfig
+from common.data import Encoded, encode, label_names, load_manifest
+from common.demo_data import generate
+from common.model import Bundle, build_model
+from common.partition import partition_indices
+
+VALIDATION_FRACTION = 0.1  # of each site's data, held out for federated evaluation
+
+
+def prepare_manifests(cfg: Config) -> tuple[Path, Path]:
+    """Return absolute (train, test) manifest paths, generating the demo data if needed."""
+    d = cfg.data
+    if d.source == "demo":
+        return generate(Path(d.demo_dir).resolve(), d.demo_train, d.demo_test, d.seed)
+    return Path(str(d.train)).resolve(), Path(str(d.test)).resolve()
+
+
+@lru_cache(maxsize=4)
+def _manifest(path: str) -> datasets.Dataset:
+    return load_manifest(path)[0]
+
+
+def manifest_labels(path: str | Path) -> list[str]:
+    """The label set, in class-index order, of a training manifest."""
+    return label_names(_manifest(str(path)))
+
+
+_BUNDLES: dict[tuple[str, tuple[str, ...]], Bundle] = {}
+
+
+def cached_bundle(cfg: ModelConfig, names: list[str]) -> Bundle:
+    """The model for this config and label set, built once per process (the last one is kept)."""
+    key = (json.dumps(asdict(cfg), sort_keys=True), tuple(names))
+    if key not in _BUNDLES:
+        _BUNDLES.clear()
+        _BUNDLES[key] = build_model(cfg, list(names))
+    return _BUNDLES[key]
+
+
+@lru_cache(maxsize=4)
+def _partitions(path: str, partition_json: str, seed: int) -> list[list[int]]:
+    return partition_indices(_manifest(path), PartitionConfig(**json.loads(partition_json)), seed)
+
+
+def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation split of `range(n)`."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = int(round(n * VALIDATION_FRACTION)) if n >= 10 else 0
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+@lru_cache(maxsize=16)
+def _site_data(path: str, rows: tuple[int, ...] | None, names: tuple[str, ...], size: int,
+               mean: tuple, std: tuple, seed: int) -> tuple[Encoded, Encoded]:
+    ds = _manifest(path)
+    if rows is not None:
+        ds = ds.select(rows)
+    encoded = encode(ds, list(names), size, mean, std, source=path)
+    train_idx, val_idx = _split(len(encoded), seed)
+    return encoded.subset(train_idx), encoded.subset(val_idx)
+
+
+def site_data(cfg: Config, bundle: Bundle, *, train_manifest: str | Path,
+              partition_id: int | None = None) -> tuple[Encoded, Encoded]:
+    """A site's (train, validation) data: partition `partition_id` of the manifest, or all of it."""
+    rows = None
+    if partition_id is not None:
+        parts = _partitions(str(train_manifest), json.dumps(asdict(cfg.partition)), cfg.seed)
+        rows = tuple(parts[partition_id])
+    return _site_data(str(train_manifest), rows, tuple(bundle.label_names), bundle.image_size,
+                      tuple(bundle.image_mean), tuple(bundle.image_std), cfg.seed)
+
+
+def test_data(bundle: Bundle, test_manifest: str | Path) -> Encoded:
+    """The held-out test split the server evaluates the global model on."""
+    ds = _manifest(str(test_manifest))
+    return encode(ds, bundle.label_names, bundle.image_size, bundle.image_mean, bundle.image_std,
+                  source=str(test_manifest))

@@ -1,0 +1,1 @@
+"""fedmm ServerApp: aggregation, global evaluation, adapters and run reports."""

@@ -1,0 +1,56 @@
+"""fedmm ServerApp: runs Flower's FedAvg/FedProx over LoRA adapters for R rounds.
+
+Each round: sample sites, send the global adapter and round config, screen and aggregate the
+replies (server/strategy.py), evaluate the new global adapter on the held-out test split and
+save it (server/report.py). Launch it with `python -m simulations.run` (simulation) or
+`flwr run` against a SuperLink (deployment).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common import keys
+from common.adapter import adapter_state
+from common.config import Config, from_json, load_config
+from common.task import cached_bundle, manifest_labels, prepare_manifests, test_data
+from server.report import RunRecorder
+from server.strategy import make_strategy
+
+app = ServerApp()
+
+
+def round_config(cfg: Config, labels: list[str], train_manifest: Path) -> ConfigRecord:
+    """What every site needs to run a round, besides the adapter."""
+    s = cfg.strategy
+    return ConfigRecord({keys.LR: s.lr, keys.LOCAL_EPOCHS: s.local_epochs,
+                         keys.BATCH_SIZE: s.batch_size, keys.WEIGHT_DECAY: s.weight_decay,
+                         keys.LABEL_NAMES: labels, keys.TRAIN_MANIFEST: str(train_manifest)})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation and write the run folder."""
+    text = str(context.run_config.get(keys.RUN_CONFIG, ""))
+    cfg = from_json(text) if text else load_config([])
+    train_manifest, test_manifest = prepare_manifests(cfg)
+    labels = manifest_labels(train_manifest)
+    bundle = cached_bundle(cfg.model, labels)
+    initial = ArrayRecord(adapter_state(bundle.model))
+    strategy = make_strategy(cfg.strategy, initial)
+    recorder = RunRecorder(cfg, Path(cfg.output_dir), bundle, test_data(bundle, test_manifest),
+                           strategy.round_stats)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = {k: v.numpy() for k, v in arrays.items()}
+        return MetricRecord(recorder.evaluate_round(server_round, state))
+
+    config = round_config(cfg, labels, train_manifest)
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,
+                   timeout=cfg.simulation.timeout_s, train_config=config,
+                   evaluate_config=config, evaluate_fn=evaluate_fn)
+    num_nodes = len(list(grid.get_node_ids()))
+    recorder.finish(num_clients=num_nodes)

@@ -1,0 +1,116 @@
+"""What a run leaves on disk: per-round metrics, the global adapter, and summary.json.
+
+    RUN_DIR/
+      config.json            the validated config the ServerApp ran with
+      metrics.jsonl          one JSON object per round (round 0 = the initial adapter)
+      adapters/round-NNN/    the global adapter after round N (PEFT format + labels.json)
+      adapter/               the final global adapter (same format)
+      summary.json           the run's one machine-readable result
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from common.adapter import set_adapter_state
+from common.config import Config, to_json
+from common.data import Encoded
+from common.model import Bundle, backbone_bytes, save_adapter
+from common.train import evaluate
+from server.strategy import RoundStats
+
+log = logging.getLogger("fedmm.server")
+
+
+def save_adapter_atomic(bundle: Bundle, out_dir: Path) -> Path:
+    """Write an adapter folder so that a reader sees the old one or the new one, never half."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    save_adapter(bundle, tmp)
+    old = out_dir.with_name(f".{out_dir.name}-old")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON via a temp file and rename."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Evaluates the global adapter each round and writes everything a run leaves behind."""
+
+    def __init__(self, cfg: Config, run_dir: Path, bundle: Bundle, test: Encoded,
+                 round_stats: dict[int, RoundStats]):
+        self.cfg, self.run_dir, self.bundle, self.test = cfg, run_dir, bundle, test
+        self.round_stats = round_stats
+        self.rows: list[dict] = []
+        self.started = time.monotonic()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(json.loads(to_json(cfg)), indent=2))
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    def evaluate_round(self, server_round: int, state: dict) -> dict[str, float]:
+        """Load the global adapter, evaluate it on the test split, save it, log one line."""
+        set_adapter_state(self.bundle.model, state)
+        result = evaluate(self.bundle, self.test)
+        stats = self.round_stats.get(server_round, RoundStats())
+        row = {"round": server_round, "sampled": stats.sampled, "replied": stats.replied,
+               "rejected": stats.rejected, "bytes_uploaded": stats.bytes_uploaded,
+               "train_loss": stats.train_loss, "test_loss": result["loss"],
+               "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"],
+               "elapsed_s": round(time.monotonic() - self.started, 2)}
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                for k, v in row.items()}) + "\n")
+        if server_round > 0:
+            save_adapter_atomic(self.bundle, self.run_dir / "adapters" / f"round-{server_round:03d}")
+        print(progress_line(row, self.cfg.strategy.rounds), flush=True)
+        return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
+                "test_macro_f1": result["macro_f1"]}
+
+    def finish(self, num_clients: int) -> dict:
+        """Save the final adapter and write summary.json."""
+        adapter_dir = save_adapter_atomic(self.bundle, self.run_dir / "adapter")
+        last = self.rows[-1]
+        trained = [r for r in self.rows if r["round"] > 0]
+        total_up = sum(r["bytes_uploaded"] for r in trained)
+        replies = sum(r["replied"] for r in trained)
+        summary = {
+            "test_accuracy": last["test_accuracy"], "test_macro_f1": last["test_macro_f1"],
+            "test_loss": last["test_loss"], "rounds": len(trained), "num_clients": num_clients,
+            "bytes_uploaded": total_up,
+            "bytes_uploaded_per_client_round": total_up / replies if replies else 0,
+            "backbone_bytes": backbone_bytes(self.bundle.model),
+            "rejected_updates": sum(r["rejected"] for r in trained),
+            "wall_time_s": round(time.monotonic() - self.started, 2),
+            "adapter_dir": str(adapter_dir.resolve()),
+            "strategy": self.cfg.strategy.name, "partition": asdict(self.cfg.partition),
+            "seed": self.cfg.seed,
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def progress_line(row: dict, rounds: int) -> str:
+    """One human line per round."""
+    loss = "   -  " if math.isnan(row["train_loss"]) else f"{row['train_loss']:.3f}"
+    return (f"[fedmm] round {row['round']:>3}/{rounds} | clients {row['replied']}/"
+            f"{row['sampled']} (rejected {row['rejected']}) | train loss {loss} | "
+            f"test acc {row['test_accuracy']:.3f} f1 {row['test_macro_f1']:.3f} | "
+            f"{row['elapsed_s']:.1f}s")

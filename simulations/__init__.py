@@ -1,0 +1,1 @@
+"""Launch fedmm federations on Flower's simulation engine and collect their results."""
