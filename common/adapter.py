@@ -1,7 +1,8 @@
 """The adapter state: the trainable tensors that travel between sites and the server.
 
 `adapter_state` is PEFT's own `get_peft_model_state_dict` (LoRA factors + `modules_to_save`);
-nothing frozen is ever in it. Conversions to and from NumPy keep `common/` Flower-free: the apps
+nothing frozen is ever in it. (The image-only CNN ablation has no pretrained tower and so no
+PEFT wrapper: its state is simply its trainable parameters.) Conversions to and from NumPy keep `common/` Flower-free: the apps
 wrap these dicts in Flower records.
 """
 
@@ -16,9 +17,10 @@ class AdapterMismatch(ValueError):
     """An incoming adapter state does not fit this model (keys, shapes or dtypes)."""
 
 
-def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+def adapter_state(model: PeftModel | torch.nn.Module) -> dict[str, torch.Tensor]:
     """Return the trainable tensors that travel, detached, on CPU, in a stable key order."""
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else {
+        name: p for name, p in model.named_parameters() if p.requires_grad}
     return {k: state[k].detach().to("cpu", copy=True) for k in sorted(state)}
 
 
@@ -33,7 +35,7 @@ def check_compatible(reference: dict[str, torch.Tensor], incoming: dict[str, np.
             raise AdapterMismatch(f"{key}: shape {tuple(incoming[key].shape)} != {tuple(ref.shape)}")
 
 
-def set_adapter_state(model: PeftModel, state: dict[str, np.ndarray | torch.Tensor]) -> None:
+def set_adapter_state(model: PeftModel | torch.nn.Module, state: dict[str, np.ndarray | torch.Tensor]) -> None:
     """Load an adapter state into `model` in place, refusing anything that does not fit."""
     reference = adapter_state(model)
     arrays = {k: np.asarray(v) if not torch.is_tensor(v) else v.cpu().numpy()
@@ -41,7 +43,10 @@ def set_adapter_state(model: PeftModel, state: dict[str, np.ndarray | torch.Tens
     check_compatible(reference, arrays)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])).to(reference[k].dtype)
                for k in reference}
-    result = set_peft_model_state_dict(model, tensors)
+    if isinstance(model, PeftModel):
+        result = set_peft_model_state_dict(model, tensors)
+    else:
+        result = model.load_state_dict(tensors, strict=False)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise AdapterMismatch(f"PEFT did not place keys: {unexpected[:3]}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -119,8 +120,9 @@ def load_config(overrides: list[str] | None = None) -> Config:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
             cfg = compose(config_name="config", overrides=list(overrides or []))
-        except OmegaConfBaseException as err:  # unknown key, bad group choice
-            raise ConfigError(str(err).splitlines()[0]) from None
+        except (OmegaConfBaseException, HydraException) as err:  # unknown key or group option
+            text = str(err).split("Config search path")[0]
+            raise ConfigError(" ".join(text.split())) from None
     return validate(cfg)
 
 

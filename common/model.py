@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from common.config import EMBEDDED_TEXT_ENCODER, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time by default
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()  # one bar per worker process per load is noise in run logs
 
 LABELS_FILE = "labels.json"
 # Attention projection names across common HF families (BERT/ViT: query/value; CLIP/SigLIP: q/v_proj).
@@ -188,7 +190,14 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> Bundle:
 def save_adapter(bundle: Bundle, out_dir: str | Path) -> Path:
     """Write the adapter the PEFT way (safetensors + adapter_config.json) plus label names."""
     out = Path(out_dir)
-    bundle.model.save_pretrained(out)
+    if isinstance(bundle.model, PeftModel):
+        bundle.model.save_pretrained(out)
+    else:  # the CNN-only ablation: no PEFT adapter, just its trained weights
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()},
+                  out / "model.safetensors")
     (out / LABELS_FILE).write_text(json.dumps(bundle.label_names))
     return out
 

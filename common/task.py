@@ -4,7 +4,7 @@ The Flower apps call only these functions: `prepare_manifests` (generate the dem
 the user's manifests), `cached_bundle` (the backbone, built once per worker process and reused
 across rounds and virtual clients: only the adapter is swapped per message), `site_data` (a
 site's train/validation split: its partition in simulation, its own manifest in deployment) and
-`test_data` (the server's held-out split).
+`load_test_split` (the server's held-out split).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def site_data(cfg: Config, bundle: Bundle, *, train_manifest: str | Path,
                       tuple(bundle.image_mean), tuple(bundle.image_std), cfg.seed)
 
 
-def test_data(bundle: Bundle, test_manifest: str | Path) -> Encoded:
+def load_test_split(bundle: Bundle, test_manifest: str | Path) -> Encoded:
     """The held-out test split the server evaluates the global model on."""
     ds = _manifest(str(test_manifest))
     return encode(ds, bundle.label_names, bundle.image_size, bundle.image_mean, bundle.image_std,

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys
 from common.adapter import adapter_state
 from common.config import Config, from_json, load_config
-from common.task import cached_bundle, manifest_labels, prepare_manifests, test_data
+from common.task import cached_bundle, load_test_split, manifest_labels, prepare_manifests
 from server.report import RunRecorder
 from server.strategy import make_strategy
 
@@ -41,8 +41,8 @@ def main(grid: Grid, context: Context) -> None:
     bundle = cached_bundle(cfg.model, labels)
     initial = ArrayRecord(adapter_state(bundle.model))
     strategy = make_strategy(cfg.strategy, initial)
-    recorder = RunRecorder(cfg, Path(cfg.output_dir), bundle, test_data(bundle, test_manifest),
-                           strategy.round_stats)
+    test = load_test_split(bundle, test_manifest)
+    recorder = RunRecorder(cfg, Path(cfg.output_dir), bundle, test, strategy.round_stats)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = {k: v.numpy() for k, v in arrays.items()}

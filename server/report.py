@@ -98,6 +98,7 @@ class RunRecorder:
             "bytes_uploaded_per_client_round": total_up / replies if replies else 0,
             "backbone_bytes": backbone_bytes(self.bundle.model),
             "rejected_updates": sum(r["rejected"] for r in trained),
+            "rounds_without_updates": sum(1 for r in trained if r["replied"] == 0),
             "wall_time_s": round(time.monotonic() - self.started, 2),
             "adapter_dir": str(adapter_dir.resolve()),
             "strategy": self.cfg.strategy.name, "partition": asdict(self.cfg.partition),

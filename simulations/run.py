@@ -57,7 +57,11 @@ def launch(cfg: Config) -> dict:
     if not run.ok or not summary_path.is_file():
         raise RuntimeError(f"federation did not complete: status {run.status} {run.details} "
                            f"(log: {run.log_path})")
-    return json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text())
+    if summary["rounds_without_updates"]:
+        print(f"fedmm: warning: {summary['rounds_without_updates']} round(s) got no usable "
+              f"update (see 'rejected' in {out / 'metrics.jsonl'})", file=sys.stderr)
+    return summary
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -60,10 +60,21 @@ def tiny_overrides(text_dir: Path, vision_dir: Path | None = None) -> list[str]:
 
 
 def random_batch(n: int, num_labels: int = len(LABELS), seed: int = 0) -> Encoded:
-    """Random images, short texts and labels: enough to drive real forward/backward passes."""
+    """Random images and short texts whose first word decides the label (learnable)."""
     g = torch.Generator().manual_seed(seed)
     words = ["stable", "growing", "unchanged", "larger", "same", "expanding"]
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, 6, (5,), generator=g))
-             for _ in range(n)]
+    ids = torch.randint(0, len(words), (n, 5), generator=g)
+    texts = [" ".join(words[int(i)] for i in row) for row in ids]
     return Encoded(pixel_values=torch.randn(n, 3, 32, 32, generator=g), texts=texts,
-                   labels=torch.randint(0, num_labels, (n,), generator=g))
+                   labels=ids[:, 0] % num_labels)
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Give this process the identity a Flower task process has, so Messages can be built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

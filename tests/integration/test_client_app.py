@@ -1,0 +1,103 @@
+"""The real ClientApp handlers, called with real Flower Messages and Contexts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+import common.task
+from client.app import app as client_app
+from common import keys
+from common.adapter import AdapterMismatch, adapter_state
+from common.config import load_config, to_json
+from common.data import load_manifest
+from common.model import backbone_bytes
+from common.partition import partition_indices
+from common.task import cached_bundle, manifest_labels, prepare_manifests
+from server.app import round_config
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    demo = tmp_path_factory.mktemp("demo")
+    cfg = load_config([f"data.demo_dir={demo}", "data.demo_train=120", "data.demo_test=30",
+                       "partition.num_clients=3", "partition.min_partition_size=5"])
+    train, _ = prepare_manifests(cfg)
+    labels = manifest_labels(train)
+    bundle = cached_bundle(cfg.model, labels)
+    initial = {k: v.clone() for k, v in adapter_state(bundle.model).items()}
+    return cfg, train, labels, initial
+
+
+def _message(cfg, train, labels, initial, kind: str, server_round: int = 1) -> Message:
+    config = round_config(cfg, labels, train)
+    config[keys.SERVER_ROUND] = server_round
+    content = RecordDict({keys.ARRAYS: ArrayRecord(initial), keys.CONFIG: config})
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def _context(cfg, node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config={keys.RUN_CONFIG: to_json(cfg)})
+
+
+def test_train_replies_with_only_the_adapter_and_under_one_percent(setup):
+    cfg, train, labels, initial = setup
+    node = {keys.PARTITION_ID: 1, keys.NUM_PARTITIONS: 3}
+    reply = client_app(_message(cfg, train, labels, initial, "train"), _context(cfg, node))
+    assert not reply.has_error(), reply.error if reply.has_error() else ""
+    arrays = reply.content[keys.ARRAYS]
+    bundle = cached_bundle(cfg.model, labels)
+    frozen = {n for n, p in bundle.model.named_parameters() if not p.requires_grad}
+    assert set(arrays.keys()) == set(initial)
+    assert not set(arrays.keys()) & frozen
+    assert arrays.count_bytes() < 0.01 * backbone_bytes(bundle.model)
+    moved = [k for k in initial if not np.array_equal(arrays[k].numpy(), initial[k].numpy())]
+    assert moved, "training changed no tensor"
+    metrics = reply.content[keys.METRICS]
+    parts = partition_indices(load_manifest(train)[0], cfg.partition, cfg.seed)
+    assert metrics[keys.NUM_EXAMPLES] == len(parts[1]) - round(len(parts[1]) * 0.1)
+    assert np.isfinite(metrics[keys.TRAIN_LOSS])
+
+
+def test_deployed_site_reads_its_manifest_from_node_config(setup):
+    cfg, train, labels, initial = setup
+    reply = client_app(_message(cfg, train, labels, initial, "train"),
+                       _context(cfg, {keys.DATA_PATH: str(train)}))
+    assert not reply.has_error()
+    assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 120 - 12  # all rows, 10% held out
+
+
+def test_evaluate_reports_loss_and_accuracy_on_held_out_rows(setup):
+    cfg, train, labels, initial = setup
+    reply = client_app(_message(cfg, train, labels, initial, "evaluate"),
+                       _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
+    metrics = reply.content[keys.METRICS]
+    assert 0.0 <= metrics[keys.EVAL_ACCURACY] <= 1.0 and metrics[keys.EVAL_LOSS] > 0
+
+
+def test_backbone_is_built_once_across_rounds_and_sites(setup, monkeypatch):
+    cfg, train, labels, initial = setup
+    builds = []
+    real_build = common.task.build_model
+    monkeypatch.setattr(common.task, "build_model",
+                        lambda *a, **kw: builds.append(1) or real_build(*a, **kw))
+    for server_round, partition in [(1, 0), (2, 1), (3, 2)]:
+        reply = client_app(_message(cfg, train, labels, initial, "train", server_round),
+                           _context(cfg, {keys.PARTITION_ID: partition, keys.NUM_PARTITIONS: 3}))
+        assert not reply.has_error()
+    assert builds == []  # the module fixture built it; three messages reused it
+
+
+def test_a_global_adapter_of_the_wrong_shape_is_refused_before_training(setup):
+    # Flower's runtime turns this exception into an error reply; the server counts it.
+    cfg, train, labels, initial = setup
+    bad = dict(initial)
+    key = next(iter(bad))
+    bad[key] = bad[key][:1].clone()
+    with pytest.raises(AdapterMismatch, match="shape"):
+        client_app(_message(cfg, train, labels, bad, "train"),
+                   _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))

@@ -1,0 +1,69 @@
+"""The server's strategy: Flower's FedAvg over screened replies, checked against NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common import keys
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+from common.config import StrategyConfig
+from server.strategy import make_strategy
+
+SHAPES = {"lora_A": (2, 4), "lora_B": (4, 2), "head": (3,)}
+
+
+def _cfg(name: str = "fedavg") -> StrategyConfig:
+    return StrategyConfig(name=name, rounds=1, fraction_train=1.0, fraction_evaluate=0.0,
+                          min_train_nodes=1, min_available_nodes=1,
+                          proximal_mu=0.1 if name == "fedprox" else 0.0, local_epochs=1,
+                          batch_size=8, lr=1e-3, weight_decay=0.0)
+
+
+def _arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _reply(arrays: dict[str, np.ndarray], num_examples: float, loss: float = 1.0) -> Message:
+    instruction = Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=1,
+                          message_type="train")
+    content = RecordDict({keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: num_examples,
+                                                      keys.TRAIN_LOSS: loss})})
+    return Message(content, reply_to=instruction)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_aggregate_matches_numpy_weighted_mean_and_drops_bad_replies(name):
+    rng = np.random.default_rng(0)
+    initial = ArrayRecord({k: Array(v) for k, v in _arrays(rng).items()})
+    strategy = make_strategy(_cfg(name), initial)
+    good = [(_arrays(rng), n) for n in (10, 30, 60)]
+    nan = _arrays(rng)
+    nan["head"][0] = np.nan
+    wrong_shape = {**_arrays(rng), "lora_A": np.zeros((3, 3), np.float32)}
+    missing_key = {k: v for k, v in _arrays(rng).items() if k != "head"}
+    replies = [_reply(a, n) for a, n in good] + [
+        _reply(nan, 10), _reply(wrong_shape, 10), _reply(missing_key, 10), _reply(good[0][0], 0)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    weights = np.array([n for _, n in good], dtype=float)
+    for key in SHAPES:
+        expected = np.average(np.stack([a[key] for a, _ in good]), axis=0, weights=weights)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
+    stats = strategy.round_stats[1]
+    assert (stats.replied, stats.rejected) == (3, 4)
+    assert any("NaN" in r for r in stats.reasons) and any("shape" in r for r in stats.reasons)
+    raw = 3 * sum(4 * int(np.prod(s)) for s in SHAPES.values())  # float32 tensor bytes
+    assert raw <= stats.bytes_uploaded <= raw + 3 * len(SHAPES) * 256  # + per-array header
+    assert metrics[keys.TRAIN_LOSS] == pytest.approx(1.0)
+
+
+def test_a_round_with_only_bad_replies_leaves_nothing_to_aggregate():
+    rng = np.random.default_rng(1)
+    strategy = make_strategy(_cfg(), ArrayRecord({k: Array(v) for k, v in _arrays(rng).items()}))
+    bad = _arrays(rng)
+    bad["lora_B"][:] = np.inf
+    arrays, _ = strategy.aggregate_train(1, [_reply(bad, 5)])
+    assert arrays is None and strategy.round_stats[1].rejected == 1

@@ -1,0 +1,42 @@
+"""Local training and metrics against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from common.config import load_config
+from common.model import build_model
+from common.train import evaluate, macro_f1, train_local
+from tests.conftest import LABELS, random_batch, tiny_overrides
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_macro_f1_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y_true, y_pred = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    y_pred[:50] = y_true[:50]
+    expected = f1_score(y_true, y_pred, average="macro", labels=np.unique(
+        np.concatenate([y_true, y_pred])))
+    assert macro_f1(y_true, y_pred, 5) == pytest.approx(expected)
+
+
+def test_training_lowers_the_loss_on_its_data(tiny_text_dir):
+    cfg = load_config(tiny_overrides(tiny_text_dir))
+    bundle = build_model(cfg.model, LABELS)
+    data = random_batch(32)
+    before = evaluate(bundle, data)["loss"]
+    train_local(bundle, data, epochs=8, batch_size=8, lr=1e-2)
+    assert evaluate(bundle, data)["loss"] < 0.7 * before
+
+
+def test_frozen_backbone_weights_do_not_move(tiny_text_dir):
+    cfg = load_config(tiny_overrides(tiny_text_dir))
+    bundle = build_model(cfg.model, LABELS)
+    frozen = {n: p.detach().clone() for n, p in bundle.model.named_parameters()
+              if not p.requires_grad}
+    train_local(bundle, random_batch(16), epochs=2, batch_size=8, lr=1e-2)
+    for name, p in bundle.model.named_parameters():
+        if name in frozen:
+            assert np.array_equal(p.detach().numpy(), frozen[name].numpy()), name
