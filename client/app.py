@@ -8,11 +8,13 @@ the adapter tensors.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import keys
-from common.adapter import adapter_state, set_adapter_state
+from common.adapter import (adapter_state, apply_base_residuals, set_adapter_state,
+                            set_lora_a_trainable, to_numpy)
+from common.attacks import is_attacker, poison
 from common.config import Config, from_json, load_config
 from common.task import cached_bundle, site_data
 from common.train import evaluate as evaluate_model
@@ -36,6 +38,9 @@ def _site(msg: Message, context: Context):
     round_cfg = msg.content[keys.CONFIG]
     bundle = cached_bundle(cfg.model, list(round_cfg[keys.LABEL_NAMES]))
     set_adapter_state(bundle.model, {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()})
+    residuals = msg.content.array_records.get(keys.BASE_RESIDUALS)
+    apply_base_residuals(bundle.model, {k: v.numpy() for k, v in (residuals or {}).items()})
+    set_lora_a_trainable(bundle.model, not bool(round_cfg.get(keys.FREEZE_LORA_A, False)))
     node = context.node_config
     if keys.DATA_PATH in node:  # a deployed site: its own manifest, all of it
         train, val = site_data(cfg, bundle, train_manifest=str(node[keys.DATA_PATH]))
@@ -63,12 +68,28 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(round_cfg.get(keys.PROXIMAL_MU, 0.0)),
         seed=cfg.seed * 100_003 + server_round * 1_009 + _site_number(context),
         device=device)
+    state = to_numpy(adapter_state(bundle.model))
+    if round_cfg.get(keys.FREEZE_LORA_A, False):  # ffa: A never changes, so it is not sent
+        state = {k: v for k, v in state.items() if ".lora_A." not in k}
+    state = _maybe_poison(cfg, context, state, msg)
     reply = RecordDict({
-        keys.ARRAYS: ArrayRecord(adapter_state(bundle.model)),
+        keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
                                     keys.TRAIN_LOSS: metrics["train_loss"]}),
     })
     return Message(content=reply, reply_to=msg)
+
+
+def _maybe_poison(cfg: Config, context: Context, state: dict, msg: Message) -> dict:
+    """Simulation only: a configured Byzantine site replaces its honest update."""
+    sim, node = cfg.simulation, context.node_config
+    if sim.attack == "none" or keys.PARTITION_ID not in node:
+        return state
+    if not is_attacker(int(node[keys.PARTITION_ID]), int(node[keys.NUM_PARTITIONS]),
+                       sim.attack_fraction):
+        return state
+    sent = {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()}
+    return poison(state, sent, sim.attack, sim.attack_scale)
 
 
 @app.evaluate()

@@ -81,3 +81,33 @@ def rejection_reason(reference: dict[str, tuple[int, ...]], update: dict[str, np
     if not (num_examples > 0 and np.isfinite(num_examples)):
         return f"num-examples must be a positive number (got {num_examples})"
     return None
+
+
+def set_lora_a_trainable(model: torch.nn.Module, trainable: bool) -> None:
+    """Freeze (FFA-LoRA) or unfreeze every LoRA A factor."""
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(trainable)
+
+
+def apply_base_residuals(model: torch.nn.Module, residuals: dict[str, np.ndarray]) -> None:
+    """Set each LoRA layer's frozen base weight to pretrained + residual (exact aggregation).
+
+    Layers absent from `residuals` are reset to their pretrained weight, so a cached model
+    never keeps a residual from another message.
+    """
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if base is None or not hasattr(module, "lora_A"):
+            continue
+        if not hasattr(module, "_fedmm_pretrained"):
+            module._fedmm_pretrained = base.weight.detach().clone()  # (out, in)
+        prefix = name.removesuffix(".default")
+        weight = module._fedmm_pretrained
+        if prefix in residuals:
+            delta = torch.from_numpy(np.asarray(residuals[prefix])).to(weight)
+            if delta.shape != weight.shape:
+                raise AdapterMismatch(f"{prefix}: residual shape {tuple(delta.shape)} != "
+                                      f"{tuple(weight.shape)}")
+            weight = weight + delta
+        base.weight.data.copy_(weight)

@@ -21,7 +21,11 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 EMBEDDED_TEXT_ENCODER = "embedded:all-MiniLM-L6-v2"
 MODALITIES = ("image", "text")
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",  # mean + server optimizer
+              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "normbounded")  # robust
+MEAN_STRATEGIES = ("fedavg", "fedprox")  # the only ones `exact` LoRA aggregation composes with
+LORA_AGGREGATIONS = ("naive", "ffa", "exact")
+ATTACKS = ("none", "scale", "signflip")
 PARTITIONS = ("iid", "dirichlet")
 DATA_SOURCES = ("demo", "manifest")
 DEVICES = ("auto", "cpu", "cuda")
@@ -94,6 +98,14 @@ class StrategyConfig:
     batch_size: int
     lr: float
     weight_decay: float
+    lora_aggregation: str
+    server_lr: float         # fedadam / fedyogi (eta), fedavgm (server learning rate)
+    server_momentum: float   # fedavgm
+    trim_fraction: float     # fedtrimmedavg: cut this fraction from each end
+    num_malicious: int       # krum / multikrum: assumed Byzantine sites per round
+    num_to_keep: int         # multikrum: updates averaged after selection
+    norm_bound: float        # normbounded: clip each update to this norm (0: the round's median)
+    max_update_norm: float   # reject any update farther than this from the global (0: no bound)
 
 
 @dataclass
@@ -101,6 +113,9 @@ class SimulationConfig:
     client_num_cpus: int
     client_num_gpus: float
     timeout_s: int
+    attack: str              # simulated Byzantine sites: none / scale / signflip
+    attack_fraction: float   # share of sites that attack (the lowest partition ids)
+    attack_scale: float      # `scale`: the update is multiplied by this
 
 
 @dataclass
@@ -189,6 +204,25 @@ def _check_ranges(c: Config) -> None:
     _require(s.batch_size > 0, "strategy.batch_size", "> 0", s.batch_size)
     _require(s.lr > 0, "strategy.lr", "> 0", s.lr)
     _require(s.weight_decay >= 0, "strategy.weight_decay", ">= 0", s.weight_decay)
+    _require(s.lora_aggregation in LORA_AGGREGATIONS, "strategy.lora_aggregation",
+             f"one of {list(LORA_AGGREGATIONS)}", s.lora_aggregation)
+    _require(s.lora_aggregation != "exact" or s.name in MEAN_STRATEGIES,
+             "strategy.lora_aggregation", f"naive or ffa with strategy={s.name} (exact folds a "
+             f"non-linear residual and composes only with {list(MEAN_STRATEGIES)})",
+             s.lora_aggregation)
+    _require(s.server_lr > 0, "strategy.server_lr", "> 0", s.server_lr)
+    _require(0 <= s.server_momentum < 1, "strategy.server_momentum", "in [0, 1)",
+             s.server_momentum)
+    _require(0 <= s.trim_fraction < 0.5, "strategy.trim_fraction", "in [0, 0.5)",
+             s.trim_fraction)
+    _require(s.num_malicious >= 0, "strategy.num_malicious", ">= 0", s.num_malicious)
+    _require(s.num_to_keep >= 1, "strategy.num_to_keep", ">= 1", s.num_to_keep)
+    _require(s.norm_bound >= 0, "strategy.norm_bound", ">= 0", s.norm_bound)
+    _require(s.max_update_norm >= 0, "strategy.max_update_norm", ">= 0", s.max_update_norm)
+    sim = c.simulation
+    _require(sim.attack in ATTACKS, "simulation.attack", f"one of {list(ATTACKS)}", sim.attack)
+    _require(0 <= sim.attack_fraction < 1, "simulation.attack_fraction", "in [0, 1)",
+             sim.attack_fraction)
     _require(c.device in DEVICES, "device", f"one of {list(DEVICES)}", c.device)
     _require(c.simulation.client_num_cpus > 0, "simulation.client_num_cpus", "> 0",
              c.simulation.client_num_cpus)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -29,6 +30,7 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()  # one bar per worker process per load is noise in run logs
 
 LABELS_FILE = "labels.json"
+RESIDUALS_FILE = "base_residuals.safetensors"  # exact LoRA aggregation only
 # Attention projection names across common HF families (BERT/ViT: query/value; CLIP/SigLIP: q/v_proj).
 ATTENTION_PROJECTIONS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
 BACKBONE_SEED = 1234  # the from-scratch CNN and the head start identical on every site
@@ -187,8 +189,12 @@ def build_model(cfg: ModelConfig, label_names: list[str]) -> Bundle:
                   mean, std, cfg.text.max_length)  # type: ignore[arg-type]
 
 
-def save_adapter(bundle: Bundle, out_dir: str | Path) -> Path:
-    """Write the adapter the PEFT way (safetensors + adapter_config.json) plus label names."""
+def save_adapter(bundle: Bundle, out_dir: str | Path, residuals: dict | None = None) -> Path:
+    """Write the adapter the PEFT way (safetensors + adapter_config.json) plus label names.
+
+    With exact LoRA aggregation the base-weight residuals are saved beside it and
+    `load_adapter` applies them.
+    """
     out = Path(out_dir)
     if isinstance(bundle.model, PeftModel):
         bundle.model.save_pretrained(out)
@@ -199,6 +205,11 @@ def save_adapter(bundle: Bundle, out_dir: str | Path) -> Path:
         save_file({k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()},
                   out / "model.safetensors")
     (out / LABELS_FILE).write_text(json.dumps(bundle.label_names))
+    if residuals:
+        from safetensors.numpy import save_file as save_numpy
+
+        save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in residuals.items()},
+                   out / RESIDUALS_FILE)
     return out
 
 
@@ -212,6 +223,12 @@ def load_adapter(cfg: ModelConfig, adapter_dir: str | Path) -> Bundle:
     names = read_label_names(adapter_dir)
     backbone, extras = build_backbone(cfg, len(names))
     model = PeftModel.from_pretrained(backbone, str(adapter_dir))
+    if (Path(adapter_dir) / RESIDUALS_FILE).is_file():
+        from safetensors.numpy import load_file
+
+        from common.adapter import apply_base_residuals
+
+        apply_base_residuals(model, load_file(Path(adapter_dir) / RESIDUALS_FILE))
     mean, std = image_stats(cfg)
     return Bundle(model, extras["tokenizer"], names, cfg.vision.image_size, mean, std,
                   cfg.text.max_length)  # type: ignore[arg-type]

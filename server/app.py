@@ -26,9 +26,13 @@ app = ServerApp()
 def round_config(cfg: Config, labels: list[str], train_manifest: Path) -> ConfigRecord:
     """What every site needs to run a round, besides the adapter."""
     s = cfg.strategy
-    return ConfigRecord({keys.LR: s.lr, keys.LOCAL_EPOCHS: s.local_epochs,
-                         keys.BATCH_SIZE: s.batch_size, keys.WEIGHT_DECAY: s.weight_decay,
-                         keys.LABEL_NAMES: labels, keys.TRAIN_MANIFEST: str(train_manifest)})
+    config = ConfigRecord({keys.LR: s.lr, keys.LOCAL_EPOCHS: s.local_epochs,
+                           keys.BATCH_SIZE: s.batch_size, keys.WEIGHT_DECAY: s.weight_decay,
+                           keys.LABEL_NAMES: labels, keys.TRAIN_MANIFEST: str(train_manifest),
+                           keys.FREEZE_LORA_A: s.lora_aggregation == "ffa"})
+    if s.proximal_mu > 0:  # the FedProx term composes with every server-side strategy
+        config[keys.PROXIMAL_MU] = s.proximal_mu
+    return config
 
 
 @app.main()
@@ -40,13 +44,13 @@ def main(grid: Grid, context: Context) -> None:
     labels = manifest_labels(train_manifest)
     bundle = cached_bundle(cfg.model, labels)
     initial = ArrayRecord(adapter_state(bundle.model))
-    strategy = make_strategy(cfg.strategy, initial)
+    strategy = make_strategy(cfg.strategy, initial, cfg.model.lora.alpha / cfg.model.lora.r)
     test = load_test_split(bundle, test_manifest)
     recorder = RunRecorder(cfg, Path(cfg.output_dir), bundle, test, strategy.round_stats)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = {k: v.numpy() for k, v in arrays.items()}
-        return MetricRecord(recorder.evaluate_round(server_round, state))
+        return MetricRecord(recorder.evaluate_round(server_round, state, strategy.residuals))
 
     config = round_config(cfg, labels, train_manifest)
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from common.adapter import set_adapter_state
+from common.adapter import apply_base_residuals, set_adapter_state
 from common.config import Config, to_json
 from common.data import Encoded
 from common.model import Bundle, backbone_bytes, save_adapter
@@ -30,11 +30,11 @@ from server.strategy import RoundStats
 log = logging.getLogger("fedmm.server")
 
 
-def save_adapter_atomic(bundle: Bundle, out_dir: Path) -> Path:
+def save_adapter_atomic(bundle: Bundle, out_dir: Path, residuals: dict | None = None) -> Path:
     """Write an adapter folder so that a reader sees the old one or the new one, never half."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    save_adapter(bundle, tmp)
+    save_adapter(bundle, tmp, residuals)
     old = out_dir.with_name(f".{out_dir.name}-old")
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -58,15 +58,19 @@ class RunRecorder:
         self.cfg, self.run_dir, self.bundle, self.test = cfg, run_dir, bundle, test
         self.round_stats = round_stats
         self.rows: list[dict] = []
+        self.residuals: dict = {}
         self.started = time.monotonic()
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(json.loads(to_json(cfg)), indent=2))
         self.metrics_path = run_dir / "metrics.jsonl"
         self.metrics_path.write_text("")
 
-    def evaluate_round(self, server_round: int, state: dict) -> dict[str, float]:
+    def evaluate_round(self, server_round: int, state: dict,
+                       residuals: dict | None = None) -> dict[str, float]:
         """Load the global adapter, evaluate it on the test split, save it, log one line."""
         set_adapter_state(self.bundle.model, state)
+        self.residuals = dict(residuals or {})
+        apply_base_residuals(self.bundle.model, self.residuals)
         result = evaluate(self.bundle, self.test)
         stats = self.round_stats.get(server_round, RoundStats())
         row = {"round": server_round, "sampled": stats.sampled, "replied": stats.replied,
@@ -79,14 +83,15 @@ class RunRecorder:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in row.items()}) + "\n")
         if server_round > 0:
-            save_adapter_atomic(self.bundle, self.run_dir / "adapters" / f"round-{server_round:03d}")
+            save_adapter_atomic(self.bundle, self.run_dir / "adapters" / f"round-{server_round:03d}",
+                                self.residuals)
         print(progress_line(row, self.cfg.strategy.rounds), flush=True)
         return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
                 "test_macro_f1": result["macro_f1"]}
 
     def finish(self, num_clients: int) -> dict:
         """Save the final adapter and write summary.json."""
-        adapter_dir = save_adapter_atomic(self.bundle, self.run_dir / "adapter")
+        adapter_dir = save_adapter_atomic(self.bundle, self.run_dir / "adapter", self.residuals)
         last = self.rows[-1]
         trained = [r for r in self.rows if r["round"] > 0]
         total_up = sum(r["bytes_uploaded"] for r in trained)
@@ -101,7 +106,9 @@ class RunRecorder:
             "rounds_without_updates": sum(1 for r in trained if r["replied"] == 0),
             "wall_time_s": round(time.monotonic() - self.started, 2),
             "adapter_dir": str(adapter_dir.resolve()),
-            "strategy": self.cfg.strategy.name, "partition": asdict(self.cfg.partition),
+            "strategy": self.cfg.strategy.name,
+            "lora_aggregation": self.cfg.strategy.lora_aggregation,
+            "partition": asdict(self.cfg.partition),
             "seed": self.cfg.seed,
         }
         write_json_atomic(self.run_dir / "summary.json", summary)

@@ -1,8 +1,16 @@
-"""Flower's FedAvg / FedProx, with every reply screened before Flower aggregates it.
+"""Flower strategies over screened, LoRA-aware aggregation.
 
-A reply that errored, or whose adapter does not fit the global one (keys, shapes, dtype,
-NaN/Inf, bad num-examples), is dropped with a logged reason and counted; the round goes on with
-the rest. The aggregation itself is Flower's. Per-round counts land in `round_stats`.
+Every strategy is Flower's own (FedAvg, FedProx, FedAdam, FedYogi, FedAvgM, FedMedian,
+FedTrimmedAvg, Krum, MultiKrum) with `ScreenedAggregation` in front, plus `NormBoundedFedAvg`
+which Flower lacks. Before any aggregation each reply is screened (keys, shapes, dtype, NaN/Inf,
+num-examples, update norm): a bad one is dropped with a logged reason and counted, the round
+goes on with the rest, and the global state is never touched by it.
+
+LoRA modes (`strategy.lora_aggregation`, math in common/lora_math.py):
+  naive  Flower's aggregation of every tensor, A and B separately (FedIT baseline).
+  ffa    sites freeze A (shared seed) and upload the rest; the server re-inserts the global A.
+  exact  FedEx-LoRA: mean A, mean B, and the residual mean(s·B_k·A_k) - s·mean(B)·mean(A)
+         folded into the frozen base weights, sent to sites beside the adapter.
 """
 
 from __future__ import annotations
@@ -11,13 +19,16 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
+                                     FedTrimmedAvg, FedYogi, Krum, MultiKrum)
 
 from common import keys
 from common.adapter import rejection_reason
 from common.config import StrategyConfig
+from common.lora_math import aggregate_exact, norm_bounded_mean, update_norm
 
 log = logging.getLogger("fedmm.server")
 
@@ -32,40 +43,93 @@ class RoundStats:
     reasons: list[str] = field(default_factory=list)
 
 
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
 class ScreenedAggregation:
-    """Mixin for a Flower strategy: count, screen and log train replies, then aggregate."""
+    """Mixin in front of a Flower strategy: screen, count and log replies; LoRA modes."""
 
     reference: dict[str, tuple[int, ...]]
     round_stats: dict[int, RoundStats]
+    lora_mode: str = "naive"
+    lora_scaling: float = 1.0
+    max_update_norm: float = 0.0
+    residuals: dict[str, np.ndarray]  # exact mode: cumulative base-weight residual per layer
+    global_state: dict[str, np.ndarray]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.global_state = _numpy(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.residuals:
+            for msg in messages:
+                msg.content[keys.BASE_RESIDUALS] = _record(self.residuals)
         self.round_stats[server_round] = RoundStats(sampled=len(messages))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def expected_keys(self) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes a site uploads (ffa sites keep A to themselves)."""
+        if self.lora_mode == "ffa":
+            return {k: s for k, s in self.reference.items() if ".lora_A." not in k}
+        return self.reference
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Drop and count replies unfit to aggregate; re-insert frozen A in ffa mode."""
         stats = self.round_stats.setdefault(server_round, RoundStats())
-        kept = []
+        expected, kept = self.expected_keys(), []
         for msg in replies:
-            reason = _reply_problem(msg, self.reference)
-            if reason is None:
-                kept.append(msg)
-                stats.bytes_uploaded += msg.content[keys.ARRAYS].count_bytes()
-            else:
+            reason = _reply_problem(msg, expected)
+            if reason is None and self.max_update_norm > 0:
+                state = _numpy(msg.content[keys.ARRAYS])
+                norm = update_norm(state, {k: self.global_state[k] for k in state})
+                if norm > self.max_update_norm:
+                    reason = f"update norm {norm:.3g} exceeds strategy.max_update_norm"
+            if reason is not None:
                 stats.rejected += 1
                 stats.reasons.append(reason)
                 log.warning("round %d: rejected reply from node %d: %s", server_round,
                             msg.metadata.src_node_id, reason)
+                continue
+            stats.bytes_uploaded += msg.content[keys.ARRAYS].count_bytes()
+            if self.lora_mode == "ffa":
+                record = msg.content[keys.ARRAYS]
+                for k in self.reference.keys() - record.keys():
+                    record[k] = Array(self.global_state[k])
+            kept.append(msg)
         stats.replied = len(kept)
-        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        return kept
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept = self.screen(server_round, replies)
+        if self.lora_mode == "exact" and kept:
+            arrays, metrics = self.aggregate_exact(kept)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        if arrays is not None and self.lora_mode == "ffa":  # A stays frozen, bit for bit
+            for k in self.reference.keys() - self.expected_keys().keys():
+                arrays[k] = Array(self.global_state[k])
         if metrics is not None and keys.TRAIN_LOSS in metrics:
-            stats.train_loss = float(metrics[keys.TRAIN_LOSS])
+            self.round_stats[server_round].train_loss = float(metrics[keys.TRAIN_LOSS])
         return arrays, metrics
 
+    def aggregate_exact(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """FedEx-LoRA: average the factors, fold the residual into the base weights."""
+        states = [_numpy(m.content[keys.ARRAYS]) for m in kept]
+        weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
+        state, residual = aggregate_exact(states, weights, self.lora_scaling)
+        for prefix, r in residual.items():
+            self.residuals[prefix] = self.residuals.get(prefix, 0) + r
+        metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)  # type: ignore[attr-defined]
+        return _record(state), metrics
 
-def _reply_problem(msg: Message, reference: dict[str, tuple[int, ...]]) -> str | None:
+
+def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
     """Why a train reply cannot be aggregated, or None."""
     if msg.has_error():
         return f"client error: {msg.error.reason}"
@@ -74,30 +138,67 @@ def _reply_problem(msg: Message, reference: dict[str, tuple[int, ...]]) -> str |
         return "reply lacks the adapter arrays or the metrics"
     metrics = content[keys.METRICS]
     try:
-        update = {k: v.numpy() for k, v in content[keys.ARRAYS].items()}
+        update = _numpy(content[keys.ARRAYS])
+        num_examples = float(metrics.get(keys.NUM_EXAMPLES, 0))
     except (ValueError, TypeError) as err:
-        return f"arrays cannot be decoded: {err}"
-    return rejection_reason(reference, update, float(metrics.get(keys.NUM_EXAMPLES, 0)))
+        return f"reply cannot be decoded: {err}"
+    return rejection_reason(expected, update, num_examples)
 
 
-class ScreenedFedAvg(ScreenedAggregation, FedAvg):
-    """FedAvg over screened replies."""
+class NormBoundedFedAvg(FedAvg):
+    """FedAvg of updates clipped to a norm bound (default: the round's median update norm)."""
+
+    norm_bound: float = 0.0
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [m for m in replies if not m.has_error()]
+        if not replies:
+            return None, None
+        states = [_numpy(m.content[keys.ARRAYS]) for m in replies]
+        weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in replies]
+        state, bound = norm_bounded_mean(states, weights, self.global_state,  # type: ignore[attr-defined]
+                                         self.norm_bound or None)
+        log.info("round %d: updates clipped to norm %.4g", server_round, bound)
+        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
+        return _record(state), metrics
 
 
-class ScreenedFedProx(ScreenedAggregation, FedProx):
-    """FedProx (clients add mu/2 ||w - w_global||^2) over screened replies."""
+def _screened(base: type) -> type:
+    return type(f"Screened{base.__name__}", (ScreenedAggregation, base), {})
 
 
-def make_strategy(cfg: StrategyConfig, initial: ArrayRecord) -> ScreenedAggregation:
+FLOWER_STRATEGIES: dict[str, type] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedavgm": FedAvgM, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
+    "multikrum": MultiKrum, "normbounded": NormBoundedFedAvg}
+
+
+def strategy_args(cfg: StrategyConfig) -> dict:
+    """The constructor arguments of the configured Flower strategy."""
+    args: dict = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+                      min_train_nodes=cfg.min_train_nodes,
+                      min_evaluate_nodes=min(cfg.min_train_nodes, cfg.min_available_nodes),
+                      min_available_nodes=cfg.min_available_nodes)
+    extra = {"fedprox": dict(proximal_mu=cfg.proximal_mu),
+             "fedadam": dict(eta=cfg.server_lr, eta_l=cfg.lr),
+             "fedyogi": dict(eta=cfg.server_lr, eta_l=cfg.lr),
+             "fedavgm": dict(server_learning_rate=cfg.server_lr,
+                             server_momentum=cfg.server_momentum),
+             "fedtrimmedavg": dict(beta=cfg.trim_fraction),
+             "krum": dict(num_malicious_nodes=cfg.num_malicious),
+             "multikrum": dict(num_malicious_nodes=cfg.num_malicious,
+                               num_nodes_to_select=cfg.num_to_keep)}
+    return {**args, **extra.get(cfg.name, {})}
+
+
+def make_strategy(cfg: StrategyConfig, initial: ArrayRecord, lora_scaling: float = 1.0
+                  ) -> ScreenedAggregation:
     """Build the configured strategy; `initial` fixes the keys and shapes replies must have."""
-    common_args = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-                       min_train_nodes=cfg.min_train_nodes,
-                       min_evaluate_nodes=min(cfg.min_train_nodes, cfg.min_available_nodes),
-                       min_available_nodes=cfg.min_available_nodes)
-    if cfg.name == "fedprox":
-        strategy: ScreenedAggregation = ScreenedFedProx(proximal_mu=cfg.proximal_mu, **common_args)
-    else:
-        strategy = ScreenedFedAvg(**common_args)
+    strategy = _screened(FLOWER_STRATEGIES[cfg.name])(**strategy_args(cfg))
     strategy.reference = {k: tuple(v.shape) for k, v in initial.items()}
-    strategy.round_stats = {}
+    strategy.round_stats, strategy.residuals = {}, {}
+    strategy.global_state = _numpy(initial)
+    strategy.lora_mode, strategy.lora_scaling = cfg.lora_aggregation, lora_scaling
+    strategy.max_update_norm, strategy.norm_bound = cfg.max_update_norm, cfg.norm_bound
     return strategy

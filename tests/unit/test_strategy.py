@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -9,17 +11,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from common import keys
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-from common.config import StrategyConfig
+from common.config import StrategyConfig, load_config
 from server.strategy import make_strategy
 
 SHAPES = {"lora_A": (2, 4), "lora_B": (4, 2), "head": (3,)}
 
 
-def _cfg(name: str = "fedavg") -> StrategyConfig:
-    return StrategyConfig(name=name, rounds=1, fraction_train=1.0, fraction_evaluate=0.0,
-                          min_train_nodes=1, min_available_nodes=1,
-                          proximal_mu=0.1 if name == "fedprox" else 0.0, local_epochs=1,
-                          batch_size=8, lr=1e-3, weight_decay=0.0)
+def _cfg(name: str = "fedavg", **overrides) -> StrategyConfig:
+    base = load_config([f"strategy={name}"]).strategy
+    return replace(base, min_train_nodes=1, min_available_nodes=1, **overrides)
 
 
 def _arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -1,0 +1,151 @@
+"""Every configured strategy and LoRA mode through the real Flower strategy objects vs NumPy."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common import keys
+from common.config import STRATEGIES, load_config
+from server.strategy import make_strategy
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+A, B, HEAD = "m.layer.q.lora_A.weight", "m.layer.q.lora_B.weight", "m.head.weight"
+SHAPES = {A: (4, 12), B: (10, 4), HEAD: (3,)}
+SCALING = 2.0
+
+
+def _cfg(name: str, **overrides):
+    base = load_config([f"strategy={name}"]).strategy
+    return replace(base, min_train_nodes=1, min_available_nodes=1, **overrides)
+
+
+def _record(state):
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def _reply(state, num_examples: float) -> Message:
+    instruction = Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=1,
+                          message_type="train")
+    return Message(RecordDict({keys.ARRAYS: _record(state), keys.METRICS: MetricRecord(
+        {keys.NUM_EXAMPLES: num_examples, keys.TRAIN_LOSS: 1.0})}), reply_to=instruction)
+
+
+def _states(rng, n: int, global_state, spread: float = 0.1):
+    return [{k: (v + spread * rng.normal(size=v.shape)).astype(np.float32)
+             for k, v in global_state.items()} for _ in range(n)]
+
+
+def _start(strategy, global_state):
+    """Record the global state as configure_train does at the start of a round."""
+    from flwr.serverapp.strategy import FedAvgM
+
+    strategy.global_state = {k: v.copy() for k, v in global_state.items()}
+    if isinstance(strategy, FedAvgM):  # keeps an ArrayRecord
+        strategy.current_arrays = _record(global_state)
+    elif hasattr(strategy, "current_arrays"):  # the FedOpt family keeps NumPy arrays
+        strategy.current_arrays = {k: v.copy() for k, v in global_state.items()}
+
+
+@pytest.fixture
+def setting():
+    rng = np.random.default_rng(0)
+    global_state = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    return rng, global_state
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_aggregates_screened_replies(name, setting):
+    rng, global_state = setting
+    strategy = make_strategy(_cfg(name, num_malicious=1, num_to_keep=2),
+                             _record(global_state), SCALING)
+    _start(strategy, global_state)
+    states = _states(rng, 5, global_state)
+    bad = {**states[0], HEAD: np.full(3, np.nan, np.float32)}
+    arrays, _ = strategy.aggregate_train(1, [_reply(s, 10 + i) for i, s in enumerate(states)]
+                                         + [_reply(bad, 10)])
+    assert set(arrays.keys()) == set(SHAPES)
+    assert strategy.round_stats[1].rejected == 1 and strategy.round_stats[1].replied == 5
+    assert all(np.all(np.isfinite(v.numpy())) for v in arrays.values())
+
+
+def test_median_and_trimmed_mean_match_numpy(setting):
+    rng, global_state = setting
+    states = _states(rng, 5, global_state)
+    for name, reference in [
+        ("fedmedian", lambda x: np.median(x, axis=0)),
+        ("fedtrimmedavg", lambda x: np.sort(x, axis=0)[1:-1].mean(axis=0)),  # 0.2 of 5 = 1
+    ]:
+        strategy = make_strategy(_cfg(name), _record(global_state), SCALING)
+        _start(strategy, global_state)
+        arrays, _ = strategy.aggregate_train(1, [_reply(s, 10) for s in states])
+        for k in SHAPES:
+            np.testing.assert_allclose(arrays[k].numpy(), reference(np.stack(
+                [s[k] for s in states])), rtol=1e-5, atol=1e-6)
+
+
+def test_norm_bounded_mean_clips_a_scaled_attacker(setting):
+    rng, global_state = setting
+    honest = _states(rng, 4, global_state, spread=0.01)
+    attacker = {k: global_state[k] + 50 * (honest[0][k] - global_state[k]) for k in SHAPES}
+    strategy = make_strategy(_cfg("normbounded"), _record(global_state), SCALING)
+    _start(strategy, global_state)
+    arrays, _ = strategy.aggregate_train(1, [_reply(s, 10) for s in honest + [attacker]])
+    honest_mean = {k: np.mean([s[k] for s in honest], axis=0) for k in SHAPES}
+    error = np.sqrt(sum(((arrays[k].numpy() - honest_mean[k]) ** 2).sum() for k in SHAPES))
+    plain = np.sqrt(sum(((np.mean([s[k] for s in honest + [attacker]], axis=0)
+                          - honest_mean[k]) ** 2).sum() for k in SHAPES))
+    assert error < 0.1 * plain
+
+
+def test_ffa_accepts_b_only_replies_and_keeps_a_frozen(setting):
+    rng, global_state = setting
+    strategy = make_strategy(_cfg("fedavg", lora_aggregation="ffa"), _record(global_state),
+                             SCALING)
+    _start(strategy, global_state)
+    states = [{k: v for k, v in s.items() if k != A} for s in _states(rng, 3, global_state)]
+    weights = [5, 10, 20]
+    arrays, _ = strategy.aggregate_train(1, [_reply(s, w) for s, w in zip(states, weights)])
+    np.testing.assert_array_equal(arrays[A].numpy(), global_state[A])
+    expected_b = np.average(np.stack([s[B] for s in states]), axis=0, weights=weights)
+    np.testing.assert_allclose(arrays[B].numpy(), expected_b, rtol=1e-6)
+    # A reply that still carries A is not what an ffa site sends: rejected.
+    full = _states(rng, 1, global_state)[0]
+    strategy.aggregate_train(2, [_reply(full, 5)])
+    assert strategy.round_stats[2].rejected == 1
+
+
+def test_exact_mode_global_delta_equals_weighted_mean_of_client_deltas(setting):
+    rng, global_state = setting
+    strategy = make_strategy(_cfg("fedavg", lora_aggregation="exact"), _record(global_state),
+                             SCALING)
+    _start(strategy, global_state)
+    states = _states(rng, 4, global_state, spread=0.5)
+    weights = np.array([1.0, 2.0, 3.0, 4.0])
+    arrays, _ = strategy.aggregate_train(1, [_reply(s, w) for s, w in zip(states, weights)])
+    target = sum(w * SCALING * s[B].astype(np.float64) @ s[A] for w, s in zip(
+        weights / weights.sum(), states))
+    got = SCALING * arrays[B].numpy() @ arrays[A].numpy() + strategy.residuals["m.layer.q"]
+    assert np.linalg.norm(got - target) / np.linalg.norm(target) < 1e-5
+
+
+def test_exact_mode_refuses_non_mean_strategies():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy.lora_aggregation"):
+        load_config(["strategy=krum", "strategy.lora_aggregation=exact"])
+
+
+def test_update_norm_bound_rejects_far_updates(setting):
+    rng, global_state = setting
+    strategy = make_strategy(_cfg("fedavg", max_update_norm=1.0), _record(global_state),
+                             SCALING)
+    _start(strategy, global_state)
+    near = _states(rng, 2, global_state, spread=0.01)
+    far = _states(rng, 1, global_state, spread=5.0)
+    strategy.aggregate_train(1, [_reply(s, 10) for s in near + far])
+    stats = strategy.round_stats[1]
+    assert (stats.replied, stats.rejected) == (2, 1) and "norm" in stats.reasons[0]
