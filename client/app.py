@@ -8,6 +8,8 @@ the adapter tensors.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -15,6 +17,7 @@ from common import keys
 from common.adapter import (adapter_state, apply_base_residuals, set_adapter_state,
                             set_lora_a_trainable, to_numpy)
 from common.attacks import is_attacker, poison
+from common.lora_math import fit_rank
 from common.config import Config, from_json, load_config
 from common.task import cached_bundle, site_data
 from common.train import evaluate as evaluate_model
@@ -32,12 +35,26 @@ def run_config(context: Context) -> Config:
     return _CONFIGS[text]
 
 
+def site_rank(cfg: Config, context: Context) -> int:
+    """This site's LoRA rank: node config `lora-rank`, else `simulation.site_ranks`, else r."""
+    node = context.node_config
+    if keys.LORA_RANK in node:
+        return int(node[keys.LORA_RANK])
+    ranks = cfg.simulation.site_ranks
+    if ranks and keys.PARTITION_ID in node:
+        return int(ranks[int(node[keys.PARTITION_ID]) % len(ranks)])
+    return cfg.model.lora.r
+
+
 def _site(msg: Message, context: Context):
     """Prepare this site's model (global adapter loaded) and data for one message."""
     cfg = run_config(context)
     round_cfg = msg.content[keys.CONFIG]
-    bundle = cached_bundle(cfg.model, list(round_cfg[keys.LABEL_NAMES]))
-    set_adapter_state(bundle.model, {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()})
+    rank = site_rank(cfg, context)
+    model_cfg = replace(cfg.model, lora=replace(cfg.model.lora, r=rank))
+    bundle = cached_bundle(model_cfg, list(round_cfg[keys.LABEL_NAMES]))
+    incoming = {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()}
+    set_adapter_state(bundle.model, fit_rank(incoming, rank, cfg.model.lora.alpha))
     residuals = msg.content.array_records.get(keys.BASE_RESIDUALS)
     apply_base_residuals(bundle.model, {k: v.numpy() for k, v in (residuals or {}).items()})
     set_lora_a_trainable(bundle.model, not bool(round_cfg.get(keys.FREEZE_LORA_A, False)))

@@ -116,6 +116,7 @@ class SimulationConfig:
     attack: str              # simulated Byzantine sites: none / scale / signflip
     attack_fraction: float   # share of sites that attack (the lowest partition ids)
     attack_scale: float      # `scale`: the update is multiplied by this
+    site_ranks: list[int]    # LoRA rank per site, cycled; [] = every site uses model.lora.r
 
 
 @dataclass
@@ -220,6 +221,8 @@ def _check_ranges(c: Config) -> None:
     _require(s.norm_bound >= 0, "strategy.norm_bound", ">= 0", s.norm_bound)
     _require(s.max_update_norm >= 0, "strategy.max_update_norm", ">= 0", s.max_update_norm)
     sim = c.simulation
+    _require(all(r > 0 for r in sim.site_ranks), "simulation.site_ranks", "positive ranks",
+             sim.site_ranks)
     _require(sim.attack in ATTACKS, "simulation.attack", f"one of {list(ATTACKS)}", sim.attack)
     _require(0 <= sim.attack_fraction < 1, "simulation.attack_fraction", "in [0, 1)",
              sim.attack_fraction)

@@ -32,3 +32,4 @@ FREEZE_LORA_A = "freeze-lora-a"    # ffa LoRA aggregation: sites keep A frozen, 
 ATTACK = "attack"                  # simulation only: none / scale / signflip
 ATTACK_FRACTION = "attack-fraction"
 ATTACK_SCALE = "attack-scale"
+LORA_RANK = "lora-rank"            # deployment node config: this site's LoRA rank

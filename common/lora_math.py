@@ -235,3 +235,27 @@ def norm_bounded_mean(
         out[k] = (ref + mean[offset : offset + ref.size].reshape(ref.shape)).astype(np.float32)
         offset += ref.size
     return out, used
+
+
+def fit_rank(state: State, rank: int, alpha: float) -> State:
+    """Re-factor every LoRA pair of `state` to `rank` (scaling alpha/rank), keeping s·B·A."""
+    out = dict(state)
+    for prefix, (a_key, b_key) in lora_pairs(state).items():
+        r_in = state[a_key].shape[0]
+        if r_in == rank:
+            continue
+        b, a = refactor(delta_w(state, prefix, alpha / r_in), rank, alpha / rank)
+        out[a_key], out[b_key] = a, b
+    return out
+
+
+def pair_rank_problem(state: State, reference: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the LoRA pairs of `state` do not fit `reference` up to their rank, or None."""
+    for a_key, b_key in lora_pairs({k: np.empty(0) for k in reference}).values():
+        if a_key not in state or b_key not in state:
+            continue  # missing keys are reported by the caller's key check
+        a, b = np.shape(state[a_key]), np.shape(state[b_key])
+        if len(a) != 2 or len(b) != 2 or a[1] != reference[a_key][1] or \
+                b[0] != reference[b_key][0] or a[0] != b[1] or a[0] < 1:
+            return f"{a_key}: LoRA factors {a} / {b} do not form a pair for this layer"
+    return None

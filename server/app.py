@@ -44,9 +44,10 @@ def main(grid: Grid, context: Context) -> None:
     labels = manifest_labels(train_manifest)
     bundle = cached_bundle(cfg.model, labels)
     initial = ArrayRecord(adapter_state(bundle.model))
-    strategy = make_strategy(cfg.strategy, initial, cfg.model.lora.alpha / cfg.model.lora.r)
+    strategy = make_strategy(cfg.strategy, initial, cfg.model.lora.alpha)
     test = load_test_split(bundle, test_manifest)
-    recorder = RunRecorder(cfg, Path(cfg.output_dir), bundle, test, strategy.round_stats)
+    recorder = RunRecorder(cfg, Path(cfg.output_dir), bundle, test, strategy.round_stats,
+                           strategy)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = {k: v.numpy() for k, v in arrays.items()}

@@ -4,6 +4,7 @@
       config.json            the validated config the ServerApp ran with
       metrics.jsonl          one JSON object per round (round 0 = the initial adapter)
       adapters/round-NNN/    the global adapter after round N (PEFT format + labels.json)
+                             + server_state.safetensors (optimizer moments, residuals, ranks)
       adapter/               the final global adapter (same format)
       summary.json           the run's one machine-readable result
 """
@@ -21,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common.adapter import apply_base_residuals, set_adapter_state
+from server.checkpoint import save_strategy_state
 from common.config import Config, to_json
 from common.data import Encoded
 from common.model import Bundle, backbone_bytes, save_adapter
@@ -30,11 +32,14 @@ from server.strategy import RoundStats
 log = logging.getLogger("fedmm.server")
 
 
-def save_adapter_atomic(bundle: Bundle, out_dir: Path, residuals: dict | None = None) -> Path:
+def save_adapter_atomic(bundle: Bundle, out_dir: Path, residuals: dict | None = None,
+                        strategy: object | None = None) -> Path:
     """Write an adapter folder so that a reader sees the old one or the new one, never half."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     save_adapter(bundle, tmp, residuals)
+    if strategy is not None:
+        save_strategy_state(strategy, tmp)
     old = out_dir.with_name(f".{out_dir.name}-old")
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -54,9 +59,9 @@ class RunRecorder:
     """Evaluates the global adapter each round and writes everything a run leaves behind."""
 
     def __init__(self, cfg: Config, run_dir: Path, bundle: Bundle, test: Encoded,
-                 round_stats: dict[int, RoundStats]):
+                 round_stats: dict[int, RoundStats], strategy: object | None = None):
         self.cfg, self.run_dir, self.bundle, self.test = cfg, run_dir, bundle, test
-        self.round_stats = round_stats
+        self.round_stats, self.strategy = round_stats, strategy
         self.rows: list[dict] = []
         self.residuals: dict = {}
         self.started = time.monotonic()
@@ -84,7 +89,7 @@ class RunRecorder:
                                 for k, v in row.items()}) + "\n")
         if server_round > 0:
             save_adapter_atomic(self.bundle, self.run_dir / "adapters" / f"round-{server_round:03d}",
-                                self.residuals)
+                                self.residuals, self.strategy)
         print(progress_line(row, self.cfg.strategy.rounds), flush=True)
         return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
                 "test_macro_f1": result["macro_f1"]}

@@ -27,8 +27,9 @@ from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedPro
 
 from common import keys
 from common.adapter import rejection_reason
-from common.config import StrategyConfig
-from common.lora_math import aggregate_exact, norm_bounded_mean, update_norm
+from common.config import MEAN_STRATEGIES, StrategyConfig
+from common.lora_math import (aggregate_exact, aggregate_heterogeneous, delta_w, lora_pairs,
+                              norm_bounded_mean, pair_rank_problem, refactor, update_norm)
 
 log = logging.getLogger("fedmm.server")
 
@@ -57,8 +58,12 @@ class ScreenedAggregation:
     reference: dict[str, tuple[int, ...]]
     round_stats: dict[int, RoundStats]
     lora_mode: str = "naive"
-    lora_scaling: float = 1.0
+    lora_alpha: float = 1.0
+    lora_rank: int = 1
+    rank_flexible: bool = False  # mean + naive: sites may train LoRA of their own rank
     max_update_norm: float = 0.0
+    node_ranks: dict[int, int]  # learned from replies
+    global_delta: dict[str, np.ndarray]  # heterogeneous ranks: dense aggregated ΔW per layer
     residuals: dict[str, np.ndarray]  # exact mode: cumulative base-weight residual per layer
     global_state: dict[str, np.ndarray]
 
@@ -66,8 +71,12 @@ class ScreenedAggregation:
                         grid: Grid) -> Iterable[Message]:
         self.global_state = _numpy(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
-        if self.residuals:
-            for msg in messages:
+        for msg in messages:
+            rank = self.node_ranks.get(msg.metadata.dst_node_id, self.lora_rank)
+            if rank != self.lora_rank and self.global_delta:  # FlexLoRA: the site's own rank
+                msg.content = RecordDict({keys.ARRAYS: _record(self.arrays_for_rank(rank)),
+                                          keys.CONFIG: msg.content[keys.CONFIG]})
+            if self.residuals:
                 msg.content[keys.BASE_RESIDUALS] = _record(self.residuals)
         self.round_stats[server_round] = RoundStats(sampled=len(messages))
         return messages
@@ -78,12 +87,20 @@ class ScreenedAggregation:
             return {k: s for k, s in self.reference.items() if ".lora_A." not in k}
         return self.reference
 
+    def arrays_for_rank(self, rank: int) -> dict[str, np.ndarray]:
+        """The global adapter with every LoRA pair re-factored from the dense ΔW at `rank`."""
+        state = dict(self.global_state)
+        for prefix, (a_key, b_key) in lora_pairs(state).items():
+            state[b_key], state[a_key] = refactor(self.global_delta[prefix], rank,
+                                                  self.lora_alpha / rank)
+        return state
+
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Drop and count replies unfit to aggregate; re-insert frozen A in ffa mode."""
         stats = self.round_stats.setdefault(server_round, RoundStats())
         expected, kept = self.expected_keys(), []
         for msg in replies:
-            reason = _reply_problem(msg, expected)
+            reason = _reply_problem(msg, expected, self.rank_flexible)
             if reason is None and self.max_update_norm > 0:
                 state = _numpy(msg.content[keys.ARRAYS])
                 norm = update_norm(state, {k: self.global_state[k] for k in state})
@@ -96,6 +113,9 @@ class ScreenedAggregation:
                             msg.metadata.src_node_id, reason)
                 continue
             stats.bytes_uploaded += msg.content[keys.ARRAYS].count_bytes()
+            a_key = next((k for k in msg.content[keys.ARRAYS] if ".lora_A." in k), None)
+            if a_key is not None:
+                self.node_ranks[msg.metadata.src_node_id] = msg.content[keys.ARRAYS][a_key].shape[0]
             if self.lora_mode == "ffa":
                 record = msg.content[keys.ARRAYS]
                 for k in self.reference.keys() - record.keys():
@@ -107,8 +127,11 @@ class ScreenedAggregation:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.screen(server_round, replies)
+        ranks = {self._rank(m) for m in kept}
         if self.lora_mode == "exact" and kept:
             arrays, metrics = self.aggregate_exact(kept)
+        elif kept and ranks != {self.lora_rank}:
+            arrays, metrics = self.aggregate_ranks(kept)
         else:
             arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
         if arrays is not None and self.lora_mode == "ffa":  # A stays frozen, bit for bit
@@ -118,19 +141,41 @@ class ScreenedAggregation:
             self.round_stats[server_round].train_loss = float(metrics[keys.TRAIN_LOSS])
         return arrays, metrics
 
+    def _rank(self, msg: Message) -> int:
+        a_key = next((k for k in msg.content[keys.ARRAYS] if ".lora_A." in k), None)
+        return msg.content[keys.ARRAYS][a_key].shape[0] if a_key else self.lora_rank
+
+    def aggregate_ranks(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """FlexLoRA: weighted mean of the sites' ΔW, re-factored to the global rank by SVD."""
+        states = [_numpy(m.content[keys.ARRAYS]) for m in kept]
+        weights = np.array([float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept])
+        scalings = [self.lora_alpha / self._rank(m) for m in kept]
+        state, errors = aggregate_heterogeneous(states, weights, scalings, self.lora_rank,
+                                                self.lora_alpha / self.lora_rank)
+        p = weights / weights.sum()
+        self.global_delta = {prefix: sum(pk * delta_w(s, prefix, sk) for pk, s, sk in
+                                         zip(p, states, scalings)).astype(np.float32)
+                             for prefix in lora_pairs(states[0])}
+        log.info("heterogeneous ranks %s: worst rank-%d truncation error %.3g",
+                 sorted({self._rank(m) for m in kept}), self.lora_rank,
+                 max(errors.values(), default=0.0))
+        metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)  # type: ignore[attr-defined]
+        return _record(state), metrics
+
     def aggregate_exact(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FedEx-LoRA: average the factors, fold the residual into the base weights."""
         states = [_numpy(m.content[keys.ARRAYS]) for m in kept]
         weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
-        state, residual = aggregate_exact(states, weights, self.lora_scaling)
+        state, residual = aggregate_exact(states, weights, self.lora_alpha / self.lora_rank)
         for prefix, r in residual.items():
             self.residuals[prefix] = self.residuals.get(prefix, 0) + r
         metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)  # type: ignore[attr-defined]
         return _record(state), metrics
 
 
-def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a train reply cannot be aggregated, or None."""
+def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
+                   rank_flexible: bool = False) -> str | None:
+    """Why a train reply cannot be aggregated, or None (LoRA ranks may vary if flexible)."""
     if msg.has_error():
         return f"client error: {msg.error.reason}"
     content = msg.content
@@ -142,6 +187,12 @@ def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]]) -> str | 
         num_examples = float(metrics.get(keys.NUM_EXAMPLES, 0))
     except (ValueError, TypeError) as err:
         return f"reply cannot be decoded: {err}"
+    if rank_flexible:
+        problem = pair_rank_problem(update, expected)
+        if problem:
+            return problem
+        expected = {k: (np.shape(update[k]) if ".lora_" in k and k in update else s)
+                    for k, s in expected.items()}
     return rejection_reason(expected, update, num_examples)
 
 
@@ -192,13 +243,16 @@ def strategy_args(cfg: StrategyConfig) -> dict:
     return {**args, **extra.get(cfg.name, {})}
 
 
-def make_strategy(cfg: StrategyConfig, initial: ArrayRecord, lora_scaling: float = 1.0
+def make_strategy(cfg: StrategyConfig, initial: ArrayRecord, lora_alpha: float = 1.0
                   ) -> ScreenedAggregation:
     """Build the configured strategy; `initial` fixes the keys and shapes replies must have."""
     strategy = _screened(FLOWER_STRATEGIES[cfg.name])(**strategy_args(cfg))
     strategy.reference = {k: tuple(v.shape) for k, v in initial.items()}
-    strategy.round_stats, strategy.residuals = {}, {}
-    strategy.global_state = _numpy(initial)
-    strategy.lora_mode, strategy.lora_scaling = cfg.lora_aggregation, lora_scaling
+    strategy.round_stats, strategy.residuals, strategy.node_ranks = {}, {}, {}
+    strategy.global_state, strategy.global_delta = _numpy(initial), {}
+    a_key = next((k for k in strategy.reference if ".lora_A." in k), None)
+    strategy.lora_rank = strategy.reference[a_key][0] if a_key else 1
+    strategy.lora_mode, strategy.lora_alpha = cfg.lora_aggregation, lora_alpha
+    strategy.rank_flexible = cfg.name in MEAN_STRATEGIES and cfg.lora_aggregation == "naive"
     strategy.max_update_norm, strategy.norm_bound = cfg.max_update_norm, cfg.norm_bound
     return strategy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
 import common.task
 from client.app import app as client_app
@@ -101,3 +101,43 @@ def test_a_global_adapter_of_the_wrong_shape_is_refused_before_training(setup):
     with pytest.raises(AdapterMismatch, match="shape"):
         client_app(_message(cfg, train, labels, bad, "train"),
                    _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
+
+
+def test_ffa_site_keeps_a_frozen_and_does_not_send_it(setup):
+    cfg, train, labels, initial = setup
+    msg = _message(cfg, train, labels, initial, "train")
+    msg.content[keys.CONFIG][keys.FREEZE_LORA_A] = True
+    reply = client_app(msg, _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
+    sent = set(reply.content[keys.ARRAYS].keys())
+    a_keys = {k for k in initial if ".lora_A." in k}
+    assert a_keys and not sent & a_keys and sent == set(initial) - a_keys
+    bundle = cached_bundle(cfg.model, labels)
+    for k in a_keys:  # the site's A is still the global A
+        np.testing.assert_array_equal(adapter_state(bundle.model)[k].numpy(), initial[k].numpy())
+
+
+def test_exact_residuals_reach_the_base_weights_and_are_reset_after(setup):
+    cfg, train, labels, initial = setup
+    bundle = cached_bundle(cfg.model, labels)
+    prefix = next(k for k in initial if ".lora_A." in k).split(".lora_A.")[0]
+    layer = bundle.model.get_submodule(prefix)
+    pretrained = layer.base_layer.weight.detach().clone()
+    residual = np.full(tuple(pretrained.shape), 0.01, np.float32)
+    msg = _message(cfg, train, labels, initial, "evaluate")
+    msg.content[keys.BASE_RESIDUALS] = ArrayRecord({prefix: Array(residual)})
+    client_app(msg, _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
+    np.testing.assert_allclose(layer.base_layer.weight.detach().numpy(),
+                               pretrained.numpy() + residual, rtol=1e-6)
+    client_app(_message(cfg, train, labels, initial, "evaluate"),
+               _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
+    np.testing.assert_array_equal(layer.base_layer.weight.detach().numpy(), pretrained.numpy())
+
+
+def test_a_site_of_another_rank_refits_the_global_adapter_and_replies_in_its_rank(setup):
+    cfg, train, labels, initial = setup
+    reply = client_app(_message(cfg, train, labels, initial, "train"),
+                       _context(cfg, {keys.DATA_PATH: str(train), keys.LORA_RANK: 2}))
+    arrays = reply.content[keys.ARRAYS]
+    a_key = next(k for k in initial if ".lora_A." in k)
+    b_key = a_key.replace(".lora_A.", ".lora_B.")
+    assert arrays[a_key].numpy().shape[0] == 2 and arrays[b_key].numpy().shape[1] == 2
