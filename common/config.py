@@ -26,7 +26,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",  # mean + se
 MEAN_STRATEGIES = ("fedavg", "fedprox")  # the only ones `exact` LoRA aggregation composes with
 LORA_AGGREGATIONS = ("naive", "ffa", "exact")
 ATTACKS = ("none", "scale", "signflip")
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "pathological", "quantity", "natural")
+ON_SMALL = ("refuse", "rebalance")
 DATA_SOURCES = ("demo", "manifest")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -81,8 +82,26 @@ class DataConfig:
 class PartitionConfig:
     name: str
     num_clients: int
-    alpha: float
+    alpha: float               # dirichlet: concentration (smaller = more label skew)
     min_partition_size: int
+    classes_per_client: int    # pathological: labels each site holds
+    power: float               # quantity: site sizes proportional to (i + 1) ** -power
+    column: str                # natural: one site per distinct value of this manifest column
+    on_small: str              # a site below min_partition_size: refuse or rebalance
+
+
+@dataclass
+class SkewConfig:
+    """Multimodal heterogeneity applied per site after partitioning (seeded, recorded)."""
+
+    missing_image_clients: float  # fraction of sites without any image
+    missing_text_clients: float   # fraction of sites without any text
+    missing_image_rate: float     # per-sample probability that the image is absent
+    missing_text_rate: float      # per-sample probability that the text is absent
+    image_noise: float            # max Gaussian pixel noise std; site i gets a level in [0, max]
+    image_blur: float             # max Gaussian blur radius (pixels)
+    text_corruption: float        # max per-word drop/swap probability
+    label_noise: float            # max per-sample label flip probability
 
 
 @dataclass
@@ -124,6 +143,7 @@ class Config:
     model: ModelConfig
     data: DataConfig
     partition: PartitionConfig
+    skew: SkewConfig
     strategy: StrategyConfig
     simulation: SimulationConfig
     seed: int
@@ -189,6 +209,13 @@ def _check_ranges(c: Config) -> None:
     _require(p.alpha > 0, "partition.alpha", "> 0", p.alpha)
     _require(p.min_partition_size >= 0, "partition.min_partition_size", ">= 0",
              p.min_partition_size)
+    _require(p.classes_per_client >= 1, "partition.classes_per_client", ">= 1",
+             p.classes_per_client)
+    _require(p.power >= 0, "partition.power", ">= 0", p.power)
+    _require(p.on_small in ON_SMALL, "partition.on_small", f"one of {list(ON_SMALL)}",
+             p.on_small)
+    for key, value in vars(c.skew).items():
+        _require(0 <= value <= 1, f"skew.{key}", "in [0, 1]", value)
     _require(s.name in STRATEGIES, "strategy.name", f"one of {list(STRATEGIES)}", s.name)
     _require(s.rounds > 0, "strategy.rounds", "> 0", s.rounds)
     _require(0 < s.fraction_train <= 1, "strategy.fraction_train", "in (0, 1]", s.fraction_train)

@@ -16,7 +16,8 @@ def _dataset(n: int = 600, classes: int = 6) -> datasets.Dataset:
 
 
 def _cfg(**kw) -> PartitionConfig:
-    base = dict(name="dirichlet", num_clients=8, alpha=0.5, min_partition_size=10)
+    base = dict(name="dirichlet", num_clients=8, alpha=0.5, min_partition_size=10,
+                classes_per_client=2, power=1.0, column="site", on_small="refuse")
     return PartitionConfig(**{**base, **kw})
 
 
