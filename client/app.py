@@ -8,8 +8,10 @@ the adapter tensors.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -17,8 +19,10 @@ from common import keys
 from common.adapter import (adapter_state, apply_base_residuals, set_adapter_state,
                             set_lora_a_trainable, to_numpy)
 from common.attacks import is_attacker, poison
-from common.lora_math import fit_rank
 from common.config import Config, from_json, load_config
+from common.data import Encoded
+from common.lora_math import fit_rank
+from common.model import Bundle
 from common.task import cached_bundle, site_data
 from common.train import evaluate as evaluate_model
 from common.train import pick_device, train_local
@@ -46,15 +50,29 @@ def site_rank(cfg: Config, context: Context) -> int:
     return cfg.model.lora.r
 
 
-def _site(msg: Message, context: Context):
-    """Prepare this site's model (global adapter loaded) and data for one message."""
+@dataclass
+class Site:
+    """One site, ready for one message: model with the global adapter loaded, and its data."""
+
+    cfg: Config
+    round_cfg: dict
+    bundle: Bundle
+    train: Encoded
+    val: Encoded
+    device: torch.device
+    global_state: dict[str, np.ndarray]  # the global adapter, at this site's rank
+
+
+def _site(msg: Message, context: Context) -> Site:
+    """Load the global adapter into this site's cached model and fetch its data."""
     cfg = run_config(context)
     round_cfg = msg.content[keys.CONFIG]
     rank = site_rank(cfg, context)
     model_cfg = replace(cfg.model, lora=replace(cfg.model.lora, r=rank))
     bundle = cached_bundle(model_cfg, list(round_cfg[keys.LABEL_NAMES]))
     incoming = {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()}
-    set_adapter_state(bundle.model, fit_rank(incoming, rank, cfg.model.lora.alpha))
+    global_state = fit_rank(incoming, rank, cfg.model.lora.alpha)
+    set_adapter_state(bundle.model, global_state)
     residuals = msg.content.array_records.get(keys.BASE_RESIDUALS)
     apply_base_residuals(bundle.model, {k: v.numpy() for k, v in (residuals or {}).items()})
     set_lora_a_trainable(bundle.model, not bool(round_cfg.get(keys.FREEZE_LORA_A, False)))
@@ -65,7 +83,7 @@ def _site(msg: Message, context: Context):
         train, val = site_data(cfg, bundle, train_manifest=str(round_cfg[keys.TRAIN_MANIFEST]),
                                partition_id=int(node[keys.PARTITION_ID]))
     device = pick_device(str(node.get(keys.DEVICE, cfg.device)))
-    return cfg, round_cfg, bundle, train, val, device
+    return Site(cfg, round_cfg, bundle, train, val, device, global_state)
 
 
 def _site_number(context: Context) -> int:
@@ -76,19 +94,20 @@ def _site_number(context: Context) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on local data and send back the new adapter_state."""
-    cfg, round_cfg, bundle, data, _, device = _site(msg, context)
+    site = _site(msg, context)
+    cfg, round_cfg = site.cfg, site.round_cfg
     server_round = int(round_cfg[keys.SERVER_ROUND])
     metrics = train_local(
-        bundle, data, epochs=int(round_cfg[keys.LOCAL_EPOCHS]),
+        site.bundle, site.train, epochs=int(round_cfg[keys.LOCAL_EPOCHS]),
         batch_size=int(round_cfg[keys.BATCH_SIZE]), lr=float(round_cfg[keys.LR]),
         weight_decay=float(round_cfg[keys.WEIGHT_DECAY]),
         proximal_mu=float(round_cfg.get(keys.PROXIMAL_MU, 0.0)),
         seed=cfg.seed * 100_003 + server_round * 1_009 + _site_number(context),
-        device=device)
-    state = to_numpy(adapter_state(bundle.model))
+        device=site.device)
+    state = to_numpy(adapter_state(site.bundle.model))
     if round_cfg.get(keys.FREEZE_LORA_A, False):  # ffa: A never changes, so it is not sent
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
-    state = _maybe_poison(cfg, context, state, msg)
+    state = _maybe_poison(cfg, context, state, site.global_state)
     reply = RecordDict({
         keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
@@ -97,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
-def _maybe_poison(cfg: Config, context: Context, state: dict, msg: Message) -> dict:
+def _maybe_poison(cfg: Config, context: Context, state: dict, global_state: dict) -> dict:
     """Simulation only: a configured Byzantine site replaces its honest update."""
     sim, node = cfg.simulation, context.node_config
     if sim.attack == "none" or keys.PARTITION_ID not in node:
@@ -105,16 +124,15 @@ def _maybe_poison(cfg: Config, context: Context, state: dict, msg: Message) -> d
     if not is_attacker(int(node[keys.PARTITION_ID]), int(node[keys.NUM_PARTITIONS]),
                        sim.attack_fraction):
         return state
-    sent = {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()}
-    return poison(state, sent, sim.attack, sim.attack_scale)
+    return poison(state, global_state, sim.attack, sim.attack_scale)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global adapter on this site's held-out validation data."""
-    _, _, bundle, train, val, device = _site(msg, context)
-    data = val if len(val) else train  # a site too small to hold data out
-    result = evaluate_model(bundle, data, device=device)
+    site = _site(msg, context)
+    data = site.val if len(site.val) else site.train  # a site too small to hold data out
+    result = evaluate_model(site.bundle, data, device=site.device)
     reply = RecordDict({keys.METRICS: MetricRecord({
         keys.NUM_EXAMPLES: len(data), keys.EVAL_LOSS: result["loss"],
         keys.EVAL_ACCURACY: result["accuracy"]})})

@@ -26,6 +26,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm",  # mean + se
 MEAN_STRATEGIES = ("fedavg", "fedprox")  # the only ones `exact` LoRA aggregation composes with
 LORA_AGGREGATIONS = ("naive", "ffa", "exact")
 ATTACKS = ("none", "scale", "signflip")
+BASELINES = ("centralized", "local")
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity", "natural")
 ON_SMALL = ("refuse", "rebalance")
 DATA_SOURCES = ("demo", "manifest")
@@ -99,7 +100,7 @@ class SkewConfig:
     missing_image_rate: float     # per-sample probability that the image is absent
     missing_text_rate: float      # per-sample probability that the text is absent
     image_noise: float            # max Gaussian pixel noise std; site i gets a level in [0, max]
-    image_blur: float             # max Gaussian blur radius (pixels)
+    image_blur: float             # max Gaussian blur (1.0 = sigma of 3 pixels)
     text_corruption: float        # max per-word drop/swap probability
     label_noise: float            # max per-sample label flip probability
 
@@ -149,6 +150,7 @@ class Config:
     seed: int
     device: str
     output_dir: str
+    baselines: list[str]  # run after the federation on the same split: centralized, local
 
 
 def load_config(overrides: list[str] | None = None) -> Config:
@@ -254,6 +256,8 @@ def _check_ranges(c: Config) -> None:
     _require(0 <= sim.attack_fraction < 1, "simulation.attack_fraction", "in [0, 1)",
              sim.attack_fraction)
     _require(c.device in DEVICES, "device", f"one of {list(DEVICES)}", c.device)
+    _require(set(c.baselines) <= set(BASELINES), "baselines", f"a subset of {list(BASELINES)}",
+             c.baselines)
     _require(c.simulation.client_num_cpus > 0, "simulation.client_num_cpus", "> 0",
              c.simulation.client_num_cpus)
     _require(c.simulation.timeout_s > 0, "simulation.timeout_s", "> 0", c.simulation.timeout_s)

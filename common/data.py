@@ -41,15 +41,30 @@ class ManifestStats:
 
 @dataclass
 class Encoded:
+    """Encoded rows; `has_image` / `has_text` mark which modalities each row really has."""
+
     pixel_values: torch.Tensor  # (N, 3, H, W) float32, normalised
     texts: list[str]
     labels: torch.Tensor  # (N,) int64 class indices
+    has_image: torch.Tensor | None = None  # (N,) bool; None: all True
+    has_text: torch.Tensor | None = None  # (N,) bool; None: all True
 
     def __post_init__(self) -> None:
         n = len(self.texts)
         if self.pixel_values.shape[0] != n or self.labels.shape[0] != n:
             raise RuntimeError(f"Encoded sizes disagree: {self.pixel_values.shape[0]}, {n}, "
                                f"{self.labels.shape[0]}")
+        for name in ("has_image", "has_text"):
+            mask = getattr(self, name)
+            mask = torch.ones(n, dtype=torch.bool) if mask is None else torch.as_tensor(
+                mask).to(torch.bool).reshape(-1)
+            if mask.shape[0] != n:
+                raise RuntimeError(f"Encoded {name} has {mask.shape[0]} rows, expected {n}")
+            setattr(self, name, mask)
+        neither = ~(self.has_image | self.has_text)  # (N,)
+        if bool(neither.any()):
+            raise ValueError(f"{int(neither.sum())} rows have neither image nor text (first: row "
+                             f"{int(neither.nonzero()[0])}); a row must keep one modality")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -58,7 +73,7 @@ class Encoded:
         """Return the rows at `indices`, in that order."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return Encoded(self.pixel_values[idx], [self.texts[i] for i in idx.tolist()],
-                       self.labels[idx])
+                       self.labels[idx], self.has_image[idx], self.has_text[idx])
 
 
 def _read_rows(path: Path) -> tuple[set[str], list[Any]]:
@@ -213,6 +228,12 @@ def encode_labels(labels: Iterable[str], names: Sequence[str],
 
 def encode(ds: datasets.Dataset, names: Sequence[str], image_size: int, mean: Sequence[float],
            std: Sequence[float], source: str | Path | None = None) -> Encoded:
-    """Encode a loaded manifest into pixel tensors, texts and label indices."""
+    """Encode a loaded manifest into pixel tensors, texts, label indices and presence masks.
+
+    Every manifest row has both modalities (`load_manifest` skips rows without); missing ones
+    are simulated later by `common.skews`, and `Encoded` refuses a row that lost both.
+    """
+    present = torch.ones(len(ds), dtype=torch.bool)  # (N,)
     return Encoded(encode_images(list(ds["image"]), image_size, mean, std), list(ds["text"]),
-                   encode_labels(list(ds["label"]), names, source))
+                   encode_labels(list(ds["label"]), names, source),
+                   has_image=present, has_text=present.clone())

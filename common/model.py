@@ -4,15 +4,16 @@
                                                                                    concat -> head -> (B, C)
     image --------------> vision tower (CNN from config, or pretrained + LoRA) -> (B, Dv) --/
 
-PEFT injects LoRA into the attention projections of every pretrained tower; the fusion head and
-a tower that is not pretrained (the default CNN) are `modules_to_save`, so they train in full
-and are saved/sent with the adapter. Everything else is frozen and never leaves the machine.
+PEFT injects LoRA into the attention projections of every pretrained tower; the fusion head (with
+its missing-modality placeholders) and a non-pretrained tower (the default CNN) are
+`modules_to_save`: trained in full, saved/sent with the adapter. All else is frozen and stays.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,30 +84,87 @@ class PretrainedVision(nn.Module):
         return pooled if pooled is not None else out.last_hidden_state.mean(dim=1)  # (B, D)
 
 
+class FusionHead(nn.Module):
+    """Fuse tower features, a learned placeholder standing in on rows missing that modality.
+
+    Placeholders (one per tower, zeros at init) live inside `head`, so PEFT's `modules_to_save`
+    trains, sends and saves them; one presence flag per tower joins at the first Linear.
+    """
+
+    def __init__(self, text_dim: int, vision_dim: int, fusion_dim: int, num_labels: int):
+        super().__init__()
+        self.text_placeholder = nn.Parameter(torch.zeros(text_dim)) if text_dim else None
+        self.image_placeholder = nn.Parameter(torch.zeros(vision_dim)) if vision_dim else None
+        in_dim = text_dim + vision_dim
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, fusion_dim), nn.GELU(),
+                                 nn.Dropout(0.1), nn.Linear(fusion_dim, num_labels))
+        self.presence = nn.Linear((text_dim > 0) + (vision_dim > 0), fusion_dim, bias=False)
+        nn.init.zeros_(self.presence.weight)  # all present: starts exactly as a flagless head
+
+    def forward(self, text_features: torch.Tensor | None, image_features: torch.Tensor | None,
+                text_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """Return logits (B, C) from tower features (B, D*; None: no row has it) and masks (B,)."""
+        parts, flags = [], []
+        for feats, mask, placeholder in ((text_features, text_mask, self.text_placeholder),
+                                         (image_features, image_mask, self.image_placeholder)):
+            if placeholder is not None:  # this tower exists
+                fill = placeholder.expand(mask.shape[0], -1)  # (B, D)
+                parts.append(fill if feats is None else
+                             torch.where(mask.unsqueeze(-1), feats, fill.to(feats.dtype)))
+                flags.append(mask.unsqueeze(-1))  # (B, 1)
+        hidden = self.mlp[1](self.mlp[0](torch.cat(parts, dim=-1)))  # (B, F)
+        hidden = hidden + self.presence(torch.cat(flags, dim=-1).to(hidden.dtype))  # (B, F)
+        return self.mlp[2:](hidden)  # (B, C)
+
+
+def _present_rows(tower: Callable[..., torch.Tensor], mask: torch.Tensor,
+                  **inputs: torch.Tensor) -> torch.Tensor | None:
+    """Run `tower` on the rows where `mask` holds only (zeros elsewhere; None if no row does)."""
+    if bool(mask.all()):
+        return tower(**inputs)  # (B, D)
+    idx = mask.nonzero().squeeze(-1)  # (P,)
+    if idx.numel() == 0:
+        return None
+    present = tower(**{k: v[idx] for k, v in inputs.items()})  # (P, D)
+    return present.new_zeros((mask.shape[0], present.shape[-1])).index_copy(0, idx, present)
+
+
 class MultimodalClassifier(nn.Module):
-    """Text tower + vision tower + fusion head; either tower may be left out (ablations)."""
+    """Text tower + vision tower + fusion head; either tower may be left out (ablations).
+
+    Missing modalities are explicit: `text_mask` / `image_mask` (B,) booleans (None: all
+    present). A tower runs only on the rows that have its modality, so absent content never
+    reaches a tower nor the logits; `head` puts its learned placeholder in those rows and
+    appends presence flags. Every row keeps at least one modality (checked in `Encoded`).
+    """
 
     def __init__(self, text_encoder: nn.Module | None, vision_encoder: nn.Module | None,
                  text_dim: int, vision_dim: int, fusion_dim: int, num_labels: int):
         super().__init__()
         self.text_encoder = text_encoder
         self.vision_encoder = vision_encoder
-        in_dim = (text_dim if text_encoder else 0) + (vision_dim if vision_encoder else 0)
-        self.head = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, fusion_dim), nn.GELU(),
-                                  nn.Dropout(0.1), nn.Linear(fusion_dim, num_labels))
+        self.head = FusionHead(text_dim if text_encoder else 0,
+                               vision_dim if vision_encoder else 0, fusion_dim, num_labels)
+
+    def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids=input_ids,
+                                   attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, D) mean of real tokens
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, **_: object) -> torch.Tensor:
-        features = []
-        if self.text_encoder is not None:
-            hidden = self.text_encoder(input_ids=input_ids,
-                                       attention_mask=attention_mask).last_hidden_state  # (B, T, D)
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            features.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))  # (B, D)
-        if self.vision_encoder is not None:
-            features.append(self.vision_encoder(pixel_values))  # (B, Dv)
-        return self.head(torch.cat(features, dim=-1))  # (B, C)
+                pixel_values: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        ref = input_ids if input_ids is not None else pixel_values
+        ones = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)  # (B,)
+        text_mask = ones if text_mask is None else text_mask.to(ref.device, torch.bool)  # (B,)
+        image_mask = ones if image_mask is None else image_mask.to(ref.device, torch.bool)
+        text = None if self.text_encoder is None else _present_rows(  # (B, Dt) | None: no row
+            self._text_features, text_mask, input_ids=input_ids, attention_mask=attention_mask)
+        image = None if self.vision_encoder is None else _present_rows(  # (B, Dv) | None
+            self.vision_encoder, image_mask, pixel_values=pixel_values)
+        return self.head(text, image, text_mask, image_mask)  # (B, C)
 
 
 @dataclass

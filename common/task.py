@@ -16,11 +16,12 @@ from pathlib import Path
 
 import datasets
 
-from common.config import Config, ModelConfig, PartitionConfig
+from common.config import Config, ModelConfig, PartitionConfig, SkewConfig
 from common.data import Encoded, encode, label_names, load_manifest
 from common.demo_data import generate
 from common.model import Bundle, build_model
 from common.partition import partition_indices
+from common.skews import apply_skews
 
 VALIDATION_FRACTION = 0.1  # of each site's data, held out for federated evaluation
 
@@ -71,24 +72,42 @@ def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 @lru_cache(maxsize=16)
 def _site_data(path: str, rows: tuple[int, ...] | None, names: tuple[str, ...], size: int,
-               mean: tuple, std: tuple, seed: int) -> tuple[Encoded, Encoded]:
+               mean: tuple, std: tuple, seed: int, skew_json: str, site: int, num_sites: int
+               ) -> tuple[Encoded, Encoded, dict]:
     ds = _manifest(path)
     if rows is not None:
         ds = ds.select(rows)
     encoded = encode(ds, list(names), size, mean, std, source=path)
+    stats: dict = {}
+    if skew_json:  # simulated heterogeneity of this site's data (train and validation alike)
+        encoded, stats = apply_skews(encoded, SkewConfig(**json.loads(skew_json)), site,
+                                     num_sites, seed, num_classes=len(names))
     train_idx, val_idx = _split(len(encoded), seed)
-    return encoded.subset(train_idx), encoded.subset(val_idx)
+    return encoded.subset(train_idx), encoded.subset(val_idx), stats
+
+
+def has_skew(cfg: Config) -> bool:
+    """Whether any multimodal skew is configured."""
+    return any(value > 0 for value in asdict(cfg.skew).values())
 
 
 def site_data(cfg: Config, bundle: Bundle, *, train_manifest: str | Path,
-              partition_id: int | None = None) -> tuple[Encoded, Encoded]:
-    """A site's (train, validation) data: partition `partition_id` of the manifest, or all of it."""
-    rows = None
+              partition_id: int | None = None, with_stats: bool = False):
+    """A site's (train, validation) data: partition `partition_id` of the manifest, or all of it.
+
+    Simulated sites also get the configured multimodal skews; `with_stats` adds their realised
+    statistics as a third element.
+    """
+    rows, skew_json = None, ""
     if partition_id is not None:
         parts = _partitions(str(train_manifest), json.dumps(asdict(cfg.partition)), cfg.seed)
         rows = tuple(parts[partition_id])
-    return _site_data(str(train_manifest), rows, tuple(bundle.label_names), bundle.image_size,
-                      tuple(bundle.image_mean), tuple(bundle.image_std), cfg.seed)
+        skew_json = json.dumps(asdict(cfg.skew), sort_keys=True) if has_skew(cfg) else ""
+    train, val, stats = _site_data(
+        str(train_manifest), rows, tuple(bundle.label_names), bundle.image_size,
+        tuple(bundle.image_mean), tuple(bundle.image_std), cfg.seed, skew_json,
+        partition_id or 0, cfg.partition.num_clients)
+    return (train, val, stats) if with_stats else (train, val)
 
 
 def load_test_split(bundle: Bundle, test_manifest: str | Path) -> Encoded:

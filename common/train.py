@@ -33,11 +33,15 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None
 
 def model_inputs(bundle: Bundle, data: Encoded, idx: torch.Tensor, device: torch.device
                  ) -> dict[str, torch.Tensor]:
-    """Tokenise the texts and gather the images of one batch."""
-    inputs = {"pixel_values": data.pixel_values[idx].to(device)}  # (B, 3, H, W)
+    """Tokenise the texts, gather the images and the modality-presence masks of one batch."""
+    has_text = data.has_text[idx]  # (B,)
+    inputs = {"pixel_values": data.pixel_values[idx].to(device),  # (B, 3, H, W)
+              "image_mask": data.has_image[idx].to(device),  # (B,)
+              "text_mask": has_text.to(device)}  # (B,)
     if bundle.tokenizer is not None:
-        tok = bundle.tokenizer([data.texts[i] for i in idx.tolist()], padding=True,
-                               truncation=True, max_length=bundle.max_length, return_tensors="pt")
+        texts = [data.texts[i] if keep else "" for i, keep in zip(idx.tolist(), has_text.tolist())]
+        tok = bundle.tokenizer(texts, padding=True, truncation=True,
+                               max_length=bundle.max_length, return_tensors="pt")
         inputs["input_ids"] = tok["input_ids"].to(device)  # (B, T)
         inputs["attention_mask"] = tok["attention_mask"].to(device)  # (B, T)
     return inputs

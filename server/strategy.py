@@ -113,9 +113,7 @@ class ScreenedAggregation:
                             msg.metadata.src_node_id, reason)
                 continue
             stats.bytes_uploaded += msg.content[keys.ARRAYS].count_bytes()
-            a_key = next((k for k in msg.content[keys.ARRAYS] if ".lora_A." in k), None)
-            if a_key is not None:
-                self.node_ranks[msg.metadata.src_node_id] = msg.content[keys.ARRAYS][a_key].shape[0]
+            self.node_ranks[msg.metadata.src_node_id] = self._rank(msg)
             if self.lora_mode == "ffa":
                 record = msg.content[keys.ARRAYS]
                 for k in self.reference.keys() - record.keys():
@@ -127,10 +125,10 @@ class ScreenedAggregation:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.screen(server_round, replies)
-        ranks = {self._rank(m) for m in kept}
+        heterogeneous = set(self.node_ranks.values()) | {self._rank(m) for m in kept}
         if self.lora_mode == "exact" and kept:
             arrays, metrics = self.aggregate_exact(kept)
-        elif kept and ranks != {self.lora_rank}:
+        elif kept and self.rank_flexible and heterogeneous != {self.lora_rank}:
             arrays, metrics = self.aggregate_ranks(kept)
         else:
             arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]

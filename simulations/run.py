@@ -15,6 +15,9 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,10 +25,14 @@ from omegaconf import DictConfig
 
 from common import keys
 from common.config import CONF_DIR, Config, ConfigError, to_json, validate
-from common.data import ManifestError, load_manifest
-from common.partition import partition_indices
-from common.task import prepare_manifests
+from common.data import ManifestError, label_names, load_manifest
+from common.partition import label_counts, partition_indices, site_names
+from common.model import image_stats
+from common.task import has_skew, prepare_manifests, site_data
+from server.report import write_json_atomic
+from simulations.baselines import BASELINES
 from simulations.flower import run_app
+from simulations.partition_report import write_partition_report
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml + packages
 
@@ -38,8 +45,29 @@ def prepare(cfg: Config) -> Config:
     cfg = replace(cfg, data=replace(cfg.data, train=str(train), test=str(test)))
     train_ds, _ = load_manifest(train)
     load_manifest(test)
-    partition_indices(train_ds, cfg.partition, cfg.seed)
+    parts = partition_indices(train_ds, cfg.partition, cfg.seed)
+    names = label_names(train_ds)
+    write_partition_report(Path(cfg.output_dir), names, label_counts(train_ds, parts, names),
+                           [len(p) for p in parts], modality=site_skews(cfg, names),
+                           site_names=site_names(train_ds, cfg.partition))
     return cfg
+
+
+def site_skews(cfg: Config, names: list[str]) -> list[dict] | None:
+    """Per site: modality availability and realised skews (None when no skew is set)."""
+    if not has_skew(cfg):
+        return None
+    bundle = SimpleNamespace(label_names=names, image_size=cfg.model.vision.image_size,
+                             image_mean=image_stats(cfg.model)[0],
+                             image_std=image_stats(cfg.model)[1])
+    out = []
+    for site in range(cfg.partition.num_clients):
+        train, val, stats = site_data(cfg, bundle, train_manifest=str(cfg.data.train),
+                                      partition_id=site, with_stats=True)
+        images = float(torch.cat([train.has_image, val.has_image]).float().mean())
+        texts = float(torch.cat([train.has_text, val.has_text]).float().mean())
+        out.append({"images": images, "texts": texts, **stats})
+    return out
 
 
 def launch(cfg: Config) -> dict:
@@ -73,7 +101,20 @@ def main(raw: DictConfig) -> None:
     except (ConfigError, ManifestError) as err:
         sys.exit(f"fedmm: {err}")
     summary = launch(cfg)
+    if cfg.baselines:
+        summary = add_baselines(cfg, summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def add_baselines(cfg: Config, summary: dict) -> dict:
+    """Train the configured baselines on the same split; add them and the gap to the summary."""
+    for name in cfg.baselines:
+        print(f"fedmm: training the {name} baseline", flush=True)
+        summary.update(BASELINES[name](cfg))
+    if "centralized_accuracy" in summary and summary["centralized_accuracy"] > 0:
+        summary["federated_gap"] = summary["test_accuracy"] / summary["centralized_accuracy"]
+    write_json_atomic(Path(cfg.output_dir) / "summary.json", summary)
+    return summary
 
 
 if __name__ == "__main__":

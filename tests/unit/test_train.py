@@ -27,8 +27,8 @@ def test_training_lowers_the_loss_on_its_data(tiny_text_dir):
     bundle = build_model(cfg.model, LABELS)
     data = random_batch(32)
     before = evaluate(bundle, data)["loss"]
-    train_local(bundle, data, epochs=8, batch_size=8, lr=1e-2)
-    assert evaluate(bundle, data)["loss"] < 0.7 * before
+    train_local(bundle, data, epochs=20, batch_size=8, lr=1e-2)
+    assert evaluate(bundle, data)["loss"] < 0.5 * before
 
 
 def test_frozen_backbone_weights_do_not_move(tiny_text_dir):

@@ -15,6 +15,9 @@ from common.config import load_config
 from server.strategy import make_strategy
 
 SHAPES = {"m.q.lora_A.weight": (2, 6), "m.q.lora_B.weight": (5, 2), "m.head.weight": (3,)}
+NAMES = ["fedavg", "fedadam", "fedmedian", "krum", "normbounded"]
+CONFIGS = {name: replace(load_config([f"strategy={name}"]).strategy, min_train_nodes=1,
+                         min_available_nodes=1, num_malicious=0) for name in NAMES}
 GLOBAL = {k: np.arange(np.prod(s), dtype=np.float32).reshape(s) / 10 for k, s in SHAPES.items()}
 
 
@@ -47,10 +50,9 @@ def _malformed(draw) -> tuple[dict, float]:
 @pytest.mark.usefixtures("flower_task_identity")
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
-@given(st.data(), st.sampled_from(["fedavg", "fedadam", "fedmedian", "krum", "normbounded"]))
+@given(st.data(), st.sampled_from(NAMES))
 def test_malformed_reply_is_rejected_and_global_state_untouched(data, name):
-    cfg = replace(load_config([f"strategy={name}"]).strategy, min_train_nodes=1,
-                  min_available_nodes=1, num_malicious=0)
+    cfg = CONFIGS[name]
     initial = ArrayRecord({k: Array(v.copy()) for k, v in GLOBAL.items()})
     strategy = make_strategy(cfg, initial)
     strategy.global_state = {k: v.copy() for k, v in GLOBAL.items()}

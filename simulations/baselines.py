@@ -1,0 +1,73 @@
+"""Baselines on the same split as a federated run: centralized and local-only training.
+
+    centralized  all sites' training data pooled; the same model, optimizer and the same number
+                 of training samples processed as the federation (rounds x local_epochs passes
+                 over the pooled data when every site trains every round).
+    local        every site trains alone for rounds x local_epochs epochs on its own data;
+                 each is evaluated on the server's test split (mean and worst site reported).
+
+Both run in-process through the same common/ code the ClientApp uses, so the only difference
+from the federation is the absence of aggregation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.config import Config
+from common.data import Encoded
+from common.model import build_model
+from common.task import load_test_split, manifest_labels, site_data
+from common.train import evaluate, pick_device, train_local
+
+
+def _epochs(cfg: Config) -> int:
+    s = cfg.strategy
+    return max(1, round(s.rounds * s.local_epochs * s.fraction_train))
+
+
+def _sites(cfg: Config, bundle) -> list[Encoded]:
+    return [site_data(cfg, bundle, train_manifest=str(cfg.data.train), partition_id=i)[0]
+            for i in range(cfg.partition.num_clients)]
+
+
+def centralized(cfg: Config) -> dict[str, float]:
+    """Train one model on all sites' data pooled; evaluate on the test split."""
+    labels = manifest_labels(str(cfg.data.train))
+    bundle = build_model(cfg.model, labels)
+    pooled = _concat(_sites(cfg, bundle))
+    s = cfg.strategy
+    train_local(bundle, pooled, epochs=_epochs(cfg), batch_size=s.batch_size, lr=s.lr,
+                weight_decay=s.weight_decay, seed=cfg.seed, device=pick_device(cfg.device))
+    result = evaluate(bundle, load_test_split(bundle, str(cfg.data.test)))
+    return {"centralized_accuracy": result["accuracy"], "centralized_macro_f1": result["macro_f1"]}
+
+
+def local(cfg: Config) -> dict[str, float]:
+    """Train each site alone; report mean and worst test accuracy over sites."""
+    labels = manifest_labels(str(cfg.data.train))
+    probe = build_model(cfg.model, labels)
+    sites, test = _sites(cfg, probe), load_test_split(probe, str(cfg.data.test))
+    s, accuracies = cfg.strategy, []
+    for i, data in enumerate(sites):
+        bundle = build_model(cfg.model, labels)  # every site starts from the same backbone
+        train_local(bundle, data, epochs=s.rounds * s.local_epochs, batch_size=s.batch_size,
+                    lr=s.lr, weight_decay=s.weight_decay, seed=cfg.seed * 1000 + i,
+                    device=pick_device(cfg.device))
+        accuracies.append(evaluate(bundle, test)["accuracy"])
+    return {"local_mean_accuracy": float(np.mean(accuracies)),
+            "local_worst_accuracy": float(np.min(accuracies)),
+            "local_accuracies": [float(a) for a in accuracies]}
+
+
+def _concat(parts: list[Encoded]) -> Encoded:
+    import torch
+
+    return Encoded(pixel_values=torch.cat([p.pixel_values for p in parts]),
+                   texts=[t for p in parts for t in p.texts],
+                   labels=torch.cat([p.labels for p in parts]),
+                   has_image=torch.cat([p.has_image for p in parts]),
+                   has_text=torch.cat([p.has_text for p in parts]))
+
+
+BASELINES = {"centralized": centralized, "local": local}

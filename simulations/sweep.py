@@ -1,0 +1,108 @@
+"""Comparison of the runs of a Hydra multirun sweep: one table and one plot.
+
+    python -m simulations.run -m strategy=fedavg,fedprox partition.alpha=0.1,1.0
+
+writes, in the sweep folder, `comparison.csv` and `comparison.md` (final and best accuracy,
+macro-F1, rounds to the target accuracy, total bytes uploaded, wall time; one row per run) and
+`accuracy.png` (test accuracy against round, one line per run). `write_comparison(sweep_dir)`
+also works on any folder of finished runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+COLUMNS = ("run", "final_accuracy", "best_accuracy", "final_macro_f1", "rounds_to_target",
+           "bytes_uploaded", "wall_time_s")
+
+
+def _run_name(run_dir: Path) -> str:
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        import yaml
+
+        items = [o for o in yaml.safe_load(overrides.read_text()) or []
+                 if not o.startswith(("output_dir=", "hydra."))]
+        if items:
+            return " ".join(items)
+    return run_dir.name
+
+
+def collect(sweep_dir: Path, target_accuracy: float) -> list[dict[str, Any]]:
+    """One row per finished run below `sweep_dir` (a run folder holding summary.json)."""
+    rows = []
+    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
+        run_dir = summary_path.parent
+        summary = json.loads(summary_path.read_text())
+        rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        reached = [r["round"] for r in rounds if r["round"] > 0
+                   and r["test_accuracy"] >= target_accuracy]
+        rows.append({"run": _run_name(run_dir), "dir": run_dir,
+                     "final_accuracy": summary["test_accuracy"],
+                     "best_accuracy": max(r["test_accuracy"] for r in rounds),
+                     "final_macro_f1": summary["test_macro_f1"],
+                     "rounds_to_target": reached[0] if reached else None,
+                     "bytes_uploaded": summary["bytes_uploaded"],
+                     "wall_time_s": summary["wall_time_s"],
+                     "curve": [(r["round"], r["test_accuracy"]) for r in rounds]})
+    return rows
+
+
+def write_comparison(sweep_dir: Path, target_accuracy: float = 0.9) -> list[Path]:
+    """Write comparison.csv, comparison.md and accuracy.png into `sweep_dir`."""
+    rows = collect(sweep_dir, target_accuracy)
+    if not rows:
+        return []
+    csv_path, md_path, png_path = (sweep_dir / "comparison.csv", sweep_dir / "comparison.md",
+                                   sweep_dir / "accuracy.png")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    header = [c if c != "rounds_to_target" else f"rounds_to_{target_accuracy:g}" for c in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [row["run"], f"{row['final_accuracy']:.3f}", f"{row['best_accuracy']:.3f}",
+                 f"{row['final_macro_f1']:.3f}", str(row["rounds_to_target"] or "not reached"),
+                 f"{row['bytes_uploaded'] / 1e6:.1f} MB", f"{row['wall_time_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    _plot(rows, png_path)
+    return [csv_path, md_path, png_path]
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        rounds, accuracy = zip(*row["curve"])
+        ax.plot(rounds, accuracy, marker="o", label=row["run"])
+    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1.02),
+           title="Global model test accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class SweepReport(Callback):
+    """Hydra callback: write the comparison when a multirun ends."""
+
+    def __init__(self, target_accuracy: float = 0.9) -> None:
+        self.target_accuracy = target_accuracy
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        paths = write_comparison(Path(config.hydra.sweep.dir), self.target_accuracy)
+        for path in paths:
+            print(f"fedmm: wrote {path}")
