@@ -61,6 +61,7 @@ def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, 
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws from the global RNG: same seed, same run
     labels = data.labels.to(device)
     losses: list[float] = []
     for _ in range(epochs):

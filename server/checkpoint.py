@@ -34,7 +34,7 @@ def strategy_state(strategy: object) -> dict[str, np.ndarray]:
         out[f"current_arrays/{i:05d}/{key}"] = np.ascontiguousarray(value)
     nodes = getattr(strategy, "node_ranks", None) or {}
     if nodes:
-        out["node_ranks"] = np.array(sorted(nodes.items()), dtype=np.int64)  # (N, 2)
+        out["node_ranks"] = np.array(sorted(nodes.items()), dtype=np.uint64)  # (N, 2) node ids are u64
     return out
 
 

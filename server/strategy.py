@@ -125,6 +125,14 @@ class ScreenedAggregation:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.screen(server_round, replies)
+        minimum = getattr(self, "min_train_nodes", 1)
+        if 0 < len(kept) < minimum:  # too few valid updates: keep the global adapter
+            log.warning("round %d: only %d valid update(s), fewer than min_train_nodes=%d; "
+                        "round skipped, global adapter unchanged", server_round, len(kept),
+                        minimum)
+            self.round_stats[server_round].reasons.append("round skipped: too few valid updates")
+            self.round_stats[server_round].replied = 0
+            return None, None
         heterogeneous = set(self.node_ranks.values()) | {self._rank(m) for m in kept}
         if self.lora_mode == "exact" and kept:
             arrays, metrics = self.aggregate_exact(kept)

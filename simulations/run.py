@@ -12,6 +12,7 @@ repository through `flwr run` and prints the run's summary.json.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -92,9 +93,14 @@ def launch(cfg: Config) -> dict:
     return summary
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_app's teardown of Flower and Ray
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> None:
     """Hydra entry point (also the `fedmm-simulate` console script)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         raw.output_dir = HydraConfig.get().runtime.output_dir  # one folder per (multi)run job
         cfg = prepare(validate(raw))

@@ -19,7 +19,7 @@ SHAPES = {"lora_A": (2, 4), "lora_B": (4, 2), "head": (3,)}
 
 def _cfg(name: str = "fedavg", **overrides) -> StrategyConfig:
     base = load_config([f"strategy={name}"]).strategy
-    return replace(base, min_train_nodes=1, min_available_nodes=1, **overrides)
+    return replace(base, **{"min_train_nodes": 1, "min_available_nodes": 1, **overrides})
 
 
 def _arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -67,3 +67,16 @@ def test_a_round_with_only_bad_replies_leaves_nothing_to_aggregate():
     bad["lora_B"][:] = np.inf
     arrays, _ = strategy.aggregate_train(1, [_reply(bad, 5)])
     assert arrays is None and strategy.round_stats[1].rejected == 1
+
+
+def test_round_is_skipped_when_fewer_valid_updates_than_the_minimum_remain():
+    rng = np.random.default_rng(2)
+    global_state = _arrays(rng)
+    strategy = make_strategy(_cfg(min_train_nodes=3),
+                             ArrayRecord({k: Array(v) for k, v in global_state.items()}))
+    bad = _arrays(rng)
+    bad["head"][:] = np.nan
+    arrays, _ = strategy.aggregate_train(1, [_reply(_arrays(rng), 5), _reply(_arrays(rng), 5),
+                                             _reply(bad, 5)])
+    assert arrays is None  # two valid < three required: nothing replaces the global adapter
+    assert strategy.round_stats[1].rejected == 1 and strategy.round_stats[1].replied == 0

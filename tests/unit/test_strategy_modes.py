@@ -215,10 +215,12 @@ def test_strategy_state_round_trips_through_a_checkpoint(name, overrides, settin
     original = make_strategy(_cfg(name, **overrides), _record(global_state), ALPHA)
     _start(original, global_state)
     arrays, _ = original.aggregate_train(1, [_reply(s, 10) for s in _states(rng, 3, global_state)])
+    original.node_ranks = {2**64 - 5: 8, 17: 4}  # Flower node ids are unsigned 64-bit
     save_strategy_state(original, tmp_path)
     assert (tmp_path / "server_state.safetensors").is_file()
     resumed = make_strategy(_cfg(name, **overrides), _record(global_state), ALPHA)
     restore_strategy_state(resumed, load_strategy_state(tmp_path))
+    assert resumed.node_ranks == original.node_ranks
     round2 = _states(rng, 3, {k: v.numpy() for k, v in arrays.items()})
     for strategy in (original, resumed):
         strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
