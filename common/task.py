@@ -10,6 +10,7 @@ site's train/validation split: its partition in simulation, its own manifest in 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -44,15 +45,19 @@ def manifest_labels(path: str | Path) -> list[str]:
     return label_names(_manifest(str(path)))
 
 
-_BUNDLES: dict[tuple[str, tuple[str, ...]], Bundle] = {}
+_BUNDLES: OrderedDict[tuple[str, tuple[str, ...]], Bundle] = OrderedDict()
+MAX_BUNDLES = 4  # e.g. one per LoRA rank when sites of several ranks share a worker
 
 
 def cached_bundle(cfg: ModelConfig, names: list[str]) -> Bundle:
-    """The model for this config and label set, built once per process (the last one is kept)."""
+    """The model for this config and label set, built once per process (a few are kept)."""
     key = (json.dumps(asdict(cfg), sort_keys=True), tuple(names))
-    if key not in _BUNDLES:
-        _BUNDLES.clear()
+    if key in _BUNDLES:
+        _BUNDLES.move_to_end(key)
+    else:
         _BUNDLES[key] = build_model(cfg, list(names))
+        while len(_BUNDLES) > MAX_BUNDLES:
+            _BUNDLES.popitem(last=False)
     return _BUNDLES[key]
 
 
