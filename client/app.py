@@ -19,7 +19,7 @@ from common import keys
 from common.adapter import (adapter_state, apply_base_residuals, set_adapter_state,
                             set_lora_a_trainable, to_numpy)
 from common.attacks import is_attacker, poison
-from common.config import Config, from_json, load_config
+from common.config import Config, from_run_config
 from common.data import Encoded
 from common.lora_math import fit_rank
 from common.model import Bundle
@@ -35,7 +35,7 @@ def run_config(context: Context) -> Config:
     """The run's validated config (parsed once per process)."""
     text = str(context.run_config.get(keys.RUN_CONFIG, ""))
     if text not in _CONFIGS:
-        _CONFIGS[text] = from_json(text) if text else load_config([])
+        _CONFIGS[text] = from_run_config(text)
     return _CONFIGS[text]
 
 

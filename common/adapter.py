@@ -24,15 +24,17 @@ def adapter_state(model: PeftModel | torch.nn.Module) -> dict[str, torch.Tensor]
     return {k: state[k].detach().to("cpu", copy=True) for k in sorted(state)}
 
 
-def check_compatible(reference: dict[str, torch.Tensor], incoming: dict[str, np.ndarray]) -> None:
-    """Raise AdapterMismatch unless `incoming` has exactly the reference keys and shapes."""
-    missing = sorted(set(reference) - set(incoming))
-    extra = sorted(set(incoming) - set(reference))
+def layout_problem(reference: dict[str, tuple[int, ...]], update: dict[str, np.ndarray]
+                   ) -> str | None:
+    """Why `update` does not have exactly the reference keys and shapes, or None."""
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
     if missing or extra:
-        raise AdapterMismatch(f"keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, ref in reference.items():
-        if tuple(incoming[key].shape) != tuple(ref.shape):
-            raise AdapterMismatch(f"{key}: shape {tuple(incoming[key].shape)} != {tuple(ref.shape)}")
+        return f"keys differ from the global adapter: missing {missing[:2]}, unexpected {extra[:2]}"
+    for key, shape in reference.items():
+        if tuple(update[key].shape) != tuple(shape):
+            return f"{key}: shape {tuple(update[key].shape)} != {tuple(shape)}"
+    return None
 
 
 def set_adapter_state(model: PeftModel | torch.nn.Module, state: dict[str, np.ndarray | torch.Tensor]) -> None:
@@ -40,7 +42,9 @@ def set_adapter_state(model: PeftModel | torch.nn.Module, state: dict[str, np.nd
     reference = adapter_state(model)
     arrays = {k: np.asarray(v) if not torch.is_tensor(v) else v.cpu().numpy()
               for k, v in state.items()}
-    check_compatible(reference, arrays)
+    problem = layout_problem({k: tuple(v.shape) for k, v in reference.items()}, arrays)
+    if problem:
+        raise AdapterMismatch(problem)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])).to(reference[k].dtype)
                for k in reference}
     if isinstance(model, PeftModel):
@@ -66,14 +70,11 @@ def state_bytes(state: dict[str, np.ndarray] | dict[str, torch.Tensor]) -> int:
 def rejection_reason(reference: dict[str, tuple[int, ...]], update: dict[str, np.ndarray],
                      num_examples: float) -> str | None:
     """Why a site's update must not be aggregated (None if it is fit to aggregate)."""
-    missing = sorted(set(reference) - set(update))
-    extra = sorted(set(update) - set(reference))
-    if missing or extra:
-        return f"keys differ from the global adapter: missing {missing[:2]}, unexpected {extra[:2]}"
-    for key, shape in reference.items():
+    problem = layout_problem(reference, update)
+    if problem:
+        return problem
+    for key in reference:
         value = update[key]
-        if tuple(value.shape) != tuple(shape):
-            return f"{key}: shape {tuple(value.shape)} != {tuple(shape)}"
         if not np.issubdtype(value.dtype, np.floating):
             return f"{key}: dtype {value.dtype} is not floating point"
         if not np.all(np.isfinite(value)):

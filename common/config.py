@@ -271,3 +271,8 @@ def to_json(config: Config) -> str:
 def from_json(text: str) -> Config:
     """Rebuild and re-validate a config that arrived as JSON (no `_target_` is ever honoured)."""
     return validate(json.loads(text))
+
+
+def from_run_config(text: str) -> Config:
+    """The config a Flower run carries (empty: the packaged defaults)."""
+    return from_json(text) if text else load_config([])

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import keys
 from common.adapter import adapter_state
-from common.config import Config, from_json, load_config
+from common.config import Config, from_run_config
 from common.task import cached_bundle, load_test_split, manifest_labels, prepare_manifests
 from server.report import RunRecorder
 from server.strategy import make_strategy
@@ -38,8 +38,7 @@ def round_config(cfg: Config, labels: list[str], train_manifest: Path) -> Config
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation and write the run folder."""
-    text = str(context.run_config.get(keys.RUN_CONFIG, ""))
-    cfg = from_json(text) if text else load_config([])
+    cfg = from_run_config(str(context.run_config.get(keys.RUN_CONFIG, "")))
     train_manifest, test_manifest = prepare_manifests(cfg)
     labels = manifest_labels(train_manifest)
     bundle = cached_bundle(cfg.model, labels)

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import Config, load_config
+from common.config import EMBEDDED_TEXT_ENCODER, Config, load_config
 from common.data import Encoded
 from common.model import resolve_name_or_path
-from common.config import EMBEDDED_TEXT_ENCODER
 
 torch.set_num_threads(2)
 LABELS = ["a", "b", "c"]
