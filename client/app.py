@@ -102,6 +102,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(round_cfg[keys.BATCH_SIZE]), lr=float(round_cfg[keys.LR]),
         weight_decay=float(round_cfg[keys.WEIGHT_DECAY]),
         proximal_mu=float(round_cfg.get(keys.PROXIMAL_MU, 0.0)),
+        absent_class_scale=float(round_cfg.get(keys.ABSENT_CLASS_SCALE, 1.0)),
         seed=cfg.seed * 100_003 + server_round * 1_009 + _site_number(context),
         device=site.device)
     state = to_numpy(adapter_state(site.bundle.model))

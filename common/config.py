@@ -114,6 +114,7 @@ class StrategyConfig:
     min_train_nodes: int
     min_available_nodes: int
     proximal_mu: float
+    absent_class_scale: float  # FedRS restricted softmax: logit factor for classes a site lacks
     local_epochs: int
     batch_size: int
     lr: float
@@ -230,6 +231,8 @@ def _check_ranges(c: Config) -> None:
     _require(s.proximal_mu >= 0, "strategy.proximal_mu", ">= 0", s.proximal_mu)
     _require(s.name != "fedprox" or s.proximal_mu > 0, "strategy.proximal_mu",
              "> 0 with strategy=fedprox", s.proximal_mu)
+    _require(0 <= s.absent_class_scale <= 1, "strategy.absent_class_scale", "in [0, 1]",
+             s.absent_class_scale)
     _require(s.local_epochs > 0, "strategy.local_epochs", "> 0", s.local_epochs)
     _require(s.batch_size > 0, "strategy.batch_size", "> 0", s.batch_size)
     _require(s.lr > 0, "strategy.lr", "> 0", s.lr)

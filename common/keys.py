@@ -15,6 +15,7 @@ METRICS = "metrics"
 # Round config (server -> client)
 SERVER_ROUND = "server-round"      # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"        # set by Flower's FedProx
+ABSENT_CLASS_SCALE = "absent-class-scale"  # FedRS restricted softmax
 LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
 BATCH_SIZE = "batch-size"

@@ -1,7 +1,10 @@
 """Local training and evaluation of a site's model on its own data.
 
 `train_local` runs AdamW over the trainable tensors only (LoRA + modules_to_save), optionally with
-the FedProx proximal term mu/2 * ||w - w_global||^2; `evaluate` reports loss, accuracy, macro-F1.
+the FedProx proximal term mu/2 * ||w - w_global||^2 and with FedRS's restricted softmax (logits
+of classes the site does not hold scaled by `absent_class_scale`, Li & Zhan, KDD 2021), which
+keeps a site with few labels from pushing the shared head away from the others' classes;
+`evaluate` reports loss, accuracy, macro-F1.
 On CUDA both run under bf16 autocast; on CPU in float32.
 """
 
@@ -52,7 +55,8 @@ def _autocast(device: torch.device):
 
 
 def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, lr: float,
-                weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0,
+                weight_decay: float = 0.0, proximal_mu: float = 0.0,
+                absent_class_scale: float = 1.0, seed: int = 0,
                 device: torch.device | None = None) -> dict[str, float]:
     """Train the trainable tensors for `epochs` on `data`; return mean loss and counts."""
     device = device or pick_device()
@@ -63,12 +67,13 @@ def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws from the global RNG: same seed, same run
     labels = data.labels.to(device)
+    scale = restricted_softmax_scale(labels, len(bundle.label_names), absent_class_scale)  # (C,)
     losses: list[float] = []
     for _ in range(epochs):
         for idx in batches(len(data), batch_size, generator):
             with _autocast(device):
-                logits = model(**model_inputs(bundle, data, idx, device))  # (B, C)
-                loss = nn.functional.cross_entropy(logits.float(), labels[idx.to(device)])
+                logits = model(**model_inputs(bundle, data, idx, device)).float()  # (B, C)
+                loss = nn.functional.cross_entropy(logits * scale, labels[idx.to(device)])
             objective = loss
             if anchor:  # FedProx: pull the trainable tensors towards the global ones
                 objective = loss + proximal_mu / 2 * sum(
@@ -80,6 +85,14 @@ def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, 
     model.eval()
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"),
             "num_examples": len(data), "steps": len(losses)}
+
+
+def restricted_softmax_scale(labels: torch.Tensor, num_classes: int, absent_scale: float
+                             ) -> torch.Tensor:
+    """Per-class logit factor (C,): 1 for the classes in `labels`, `absent_scale` for the rest."""
+    scale = torch.full((num_classes,), float(absent_scale), device=labels.device)
+    scale[labels.unique()] = 1.0
+    return scale
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:

@@ -52,7 +52,8 @@ def local(cfg: Config) -> dict[str, float]:
     for i, data in enumerate(sites):
         bundle = build_model(cfg.model, labels)  # every site starts from the same backbone
         train_local(bundle, data, epochs=s.rounds * s.local_epochs, batch_size=s.batch_size,
-                    lr=s.lr, weight_decay=s.weight_decay, seed=cfg.seed * 1000 + i,
+                    lr=s.lr, weight_decay=s.weight_decay,
+                    absent_class_scale=s.absent_class_scale, seed=cfg.seed * 1000 + i,
                     device=pick_device(cfg.device))
         accuracies.append(evaluate(bundle, test)["accuracy"])
     return {"local_mean_accuracy": float(np.mean(accuracies)),
