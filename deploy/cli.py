@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -205,6 +206,7 @@ COMMANDS = {"certs": cmd_certs, "server": cmd_server, "site": cmd_site, "train":
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedmm` console script."""
     args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # run finally:
     try:
         return COMMANDS[args.command](args)
     except Exception as err:  # noqa: BLE001 - user errors get one line, bugs a traceback

@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -62,7 +60,6 @@ def serve(*, host: str, port: int, state_dir: Path, certs: Path | None,
     popen = popen_kwargs(flower_env(home, tag), state_dir)
     superlink = subprocess.Popen(superlink_argv(host, port, state_dir / "state.db", certs),
                                  **popen)
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         wait_healthy(superlink, local, certs / "ca.crt" if certs else None)
         for key in site_keys if certs is not None else []:

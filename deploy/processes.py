@@ -72,6 +72,25 @@ def tagged(match) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children in sessions of their own included)."""
+    parents: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
 def cmdline(pid: int) -> str:
     """The command line of a process ('' if it is gone)."""
     try:
@@ -95,7 +114,12 @@ def sweep_orphans() -> None:
 
 
 def teardown(procs: list[subprocess.Popen], tag: str, grace: float = 10.0) -> None:
-    """SIGTERM the started process groups, then every tagged process; SIGKILL what is left."""
+    """SIGTERM the started process groups, then every tagged process; SIGKILL what is left.
+
+    Processes that re-tag their children (`fedmm server` tears down its own) are also
+    covered: whatever was below a started process at teardown time is killed at the end.
+    """
+    family = [d for proc in procs if proc.poll() is None for d in descendants(proc.pid)]
     for proc in procs:
         if proc.poll() is None:
             try:
@@ -112,6 +136,7 @@ def teardown(procs: list[subprocess.Popen], tag: str, grace: float = 10.0) -> No
         send(pids, signal.SIGTERM)
         time.sleep(0.5)
     send(tagged(lambda v: v == tag), signal.SIGKILL)  # Ray agents ignore SIGTERM
+    send([pid for pid in family if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
     for proc in procs:
         if proc.poll() is None:
             proc.wait(timeout=5)
