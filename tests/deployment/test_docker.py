@@ -28,6 +28,8 @@ def test_server_and_three_sites_run_fedmm_with_tls_and_node_auth():
     assert server["command"][0] == "server" and "--certs" in server["command"]
     assert "--insecure" not in server["command"]
     assert any(v.startswith("superlink-state:") for v in server["volumes"])
+    assert not any(".key" in v for v in server["volumes"])  # no site private key on the server
+    assert {f"/certs/sites/{s}.pub" for s in SITES} <= {v.split(":")[1] for v in server["volumes"]}
     for name in SITES:
         command = services[name]["command"]
         assert command[:3] == ["site", "--superlink", "superlink:9093"]
