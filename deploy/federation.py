@@ -15,13 +15,15 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from common import keys
-from common.config import Config, from_json, load_config, to_json
-from common.data import load_manifest
-from common.task import prepare_manifests
 from deploy.flwr_cli import FlowerRun, register_node, submit, write_connection, write_run_config
 from deploy.processes import (BIN, DeployError, flower_env, new_tag, popen_kwargs, teardown,
                               wait_healthy)
+
+if TYPE_CHECKING:  # the run side needs torch and Hydra; the server side starts without them
+    from common.config import Config
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml + packages
 CONNECTION = "fedmm"
@@ -79,6 +81,8 @@ def serve(*, host: str, port: int, state_dir: Path, certs: Path | None,
 
 def compose(overrides: list[str], resume_dir: Path | None) -> Config:
     """The run's validated config: Hydra overrides, or the saved config of a run to resume."""
+    from common.config import from_json, load_config
+
     if resume_dir is not None:
         saved = resume_dir / "config.json"
         if not saved.is_file():
@@ -95,6 +99,9 @@ def compose(overrides: list[str], resume_dir: Path | None) -> Config:
 
 def prepare(cfg: Config) -> Config:
     """Generate or check the server's manifests (label set and test split) before submitting."""
+    from common.data import load_manifest
+    from common.task import prepare_manifests
+
     train, test = prepare_manifests(cfg)
     load_manifest(train)
     load_manifest(test)
@@ -103,6 +110,8 @@ def prepare(cfg: Config) -> Config:
 
 def train(cfg: Config, *, superlink: str, ca_cert: Path | None, timeout: float) -> FlowerRun:
     """Submit the run to the federation and stream its log until it ends."""
+    from common.config import to_json
+
     if ca_cert is not None:
         _need(ca_cert, "CA certificate")
     out = Path(cfg.output_dir)
