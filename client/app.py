@@ -1,13 +1,15 @@
 """fedmm ClientApp: one site. Loads the global adapter, trains on local data, replies.
 
 Simulated, a site's data is partition `partition-id` of the run's training manifest; deployed,
-it is the manifest named by the node config (`--node-config "data-path=/site/train.csv"`).
+it is the manifest named by the node config (`--node-config "data-path=/site/train.csv"`,
+optionally `site-name`, `lora-rank`, `device`; `fedmm site` sets them).
 The backbone is built once per process (common.task.cached_bundle); each message only swaps
 the adapter tensors.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -35,7 +37,7 @@ def run_config(context: Context) -> Config:
     """The run's validated config (parsed once per process)."""
     text = str(context.run_config.get(keys.RUN_CONFIG, ""))
     if text not in _CONFIGS:
-        _CONFIGS[text] = from_run_config(text)
+        _CONFIGS[text] = from_run_config(text, check_files=False)  # server paths need not exist
     return _CONFIGS[text]
 
 
@@ -87,8 +89,16 @@ def _site(msg: Message, context: Context) -> Site:
 
 
 def _site_number(context: Context) -> int:
-    """A stable number for this site: its partition in simulation, else its node id."""
-    return int(context.node_config.get(keys.PARTITION_ID, context.node_id % 1_000_003))
+    """A stable number for this site: its partition in simulation, else from its node config.
+
+    Deployed, it derives from `site-name` (or `data-path`), never from the node id, so a
+    resumed run seeds every site exactly as the uninterrupted run did.
+    """
+    node = context.node_config
+    if keys.PARTITION_ID in node:
+        return int(node[keys.PARTITION_ID])
+    name = str(node.get(keys.SITE_NAME, node.get(keys.DATA_PATH, context.node_id)))
+    return zlib.crc32(name.encode()) % 1_000_003
 
 
 @app.train()

@@ -152,6 +152,7 @@ class Config:
     device: str
     output_dir: str
     baselines: list[str]  # run after the federation on the same split: centralized, local
+    resume: bool          # continue the run in output_dir from its last complete round
 
 
 def load_config(overrides: list[str] | None = None) -> Config:
@@ -165,15 +166,15 @@ def load_config(overrides: list[str] | None = None) -> Config:
     return validate(cfg)
 
 
-def validate(cfg: DictConfig | dict[str, Any]) -> Config:
-    """Check types against the schema and values against their ranges."""
+def validate(cfg: DictConfig | dict[str, Any], check_files: bool = True) -> Config:
+    """Check types against the schema and values against their ranges (and that files exist)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
         config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or "config"
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
-    _check_ranges(config)
+    _check_ranges(config, check_files)
     return config
 
 
@@ -182,7 +183,7 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {allowed} (got {value!r})")
 
 
-def _check_ranges(c: Config) -> None:
+def _check_ranges(c: Config, check_files: bool = True) -> None:
     m, d, p, s = c.model, c.data, c.partition, c.strategy
     _require(m.lora.r > 0, "model.lora.r", "> 0", m.lora.r)
     _require(m.lora.alpha > 0, "model.lora.alpha", "> 0", m.lora.alpha)
@@ -203,7 +204,8 @@ def _check_ranges(c: Config) -> None:
     if d.source == "manifest":
         for key, value in (("data.train", d.train), ("data.test", d.test)):
             _require(bool(value), key, "a manifest path when data.source=manifest", value)
-            _require(Path(str(value)).is_file(), key, "an existing file", value)
+            _require(not check_files or Path(str(value)).is_file(), key, "an existing file",
+                     value)
     else:
         _require(d.demo_train > 0, "data.demo_train", "> 0", d.demo_train)
         _require(d.demo_test > 0, "data.demo_test", "> 0", d.demo_test)
@@ -271,11 +273,15 @@ def to_json(config: Config) -> str:
     return json.dumps(asdict(config), sort_keys=True)
 
 
-def from_json(text: str) -> Config:
+def from_json(text: str, check_files: bool = True) -> Config:
     """Rebuild and re-validate a config that arrived as JSON (no `_target_` is ever honoured)."""
-    return validate(json.loads(text))
+    return validate(json.loads(text), check_files)
 
 
-def from_run_config(text: str) -> Config:
-    """The config a Flower run carries (empty: the packaged defaults)."""
-    return from_json(text) if text else load_config([])
+def from_run_config(text: str, check_files: bool = True) -> Config:
+    """The config a Flower run carries (empty: the packaged defaults).
+
+    A deployed site has its own data, not the server's manifests: it passes
+    `check_files=False`.
+    """
+    return from_json(text, check_files) if text else load_config([])

@@ -180,6 +180,27 @@ def generate(out_dir: Path, num_train: int, num_test: int, seed: int,
     return train, test
 
 
+def split_sites(train: Path, num_sites: int) -> list[Path]:
+    """Deal the training rows round-robin into `site-1.csv` .. `site-N.csv` beside `train`.
+
+    The demo stand-in for what each real site holds: its own manifest (deployment).
+    """
+    with open(train, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = list(reader.fieldnames or []), list(reader)
+    if not 1 <= num_sites <= len(rows):
+        raise ValueError(f"--sites must be in [1, {len(rows)}] (got {num_sites})")
+    paths = []
+    for i in range(num_sites):
+        path = Path(train).with_name(f"site-{i + 1}.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows[i::num_sites])
+        paths.append(path)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, generate the dataset and print the two manifest paths."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -188,13 +209,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test", type=int, default=500, help="test samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--sites", type=int, default=0,
+                   help="also deal the training rows into site-1.csv .. site-N.csv")
     args = p.parse_args(argv)
     try:
         train, test = generate(args.out, args.train, args.test, args.seed, args.image_size)
+        sites = split_sites(train, args.sites) if args.sites else []
     except (ValueError, OSError) as err:
         p.exit(2, f"error: {err}\n")
-    print(train)
-    print(test)
+    for path in (train, test, *sites):
+        print(path)
 
 
 if __name__ == "__main__":

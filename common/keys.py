@@ -6,6 +6,7 @@ PARTITION_ID = "partition-id"      # simulation: set by Flower's simulation engi
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"            # deployment: the site's own training manifest
 DEVICE = "device"                  # deployment: cpu / cuda / auto
+SITE_NAME = "site-name"            # deployment: seeds this site's shuffling and dropout
 
 # Records inside a Message
 ARRAYS = "arrays"                  # Flower's default ArrayRecord key: the adapter_state

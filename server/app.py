@@ -3,11 +3,13 @@
 Each round: sample sites, send the global adapter and round config, screen and aggregate the
 replies (server/strategy.py), evaluate the new global adapter on the held-out test split and
 save it (server/report.py). Launch it with `python -m simulations.run` (simulation) or
-`flwr run` against a SuperLink (deployment).
+`flwr run` against a SuperLink (deployment). With `resume=true` it continues the run in
+`output_dir` after its last complete checkpoint (server/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -16,9 +18,12 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys
 from common.adapter import adapter_state
 from common.config import Config, from_run_config
+from common.model import Bundle
 from common.task import cached_bundle, load_test_split, manifest_labels, prepare_manifests
+from server.checkpoint import (META_FILE, last_checkpoint, load_strategy_state, restore_adapter,
+                               restore_rng_state, restore_strategy_state)
 from server.report import RunRecorder
-from server.strategy import make_strategy
+from server.strategy import ScreenedAggregation, make_strategy
 
 app = ServerApp()
 
@@ -45,9 +50,12 @@ def main(grid: Grid, context: Context) -> None:
     bundle = cached_bundle(cfg.model, labels)
     initial = ArrayRecord(adapter_state(bundle.model))
     strategy = make_strategy(cfg.strategy, initial, cfg.model.lora.alpha)
+    done = resume(cfg, bundle, strategy) if cfg.resume else 0
+    if done:
+        initial = ArrayRecord(adapter_state(bundle.model))
     test = load_test_split(bundle, test_manifest)
     recorder = RunRecorder(cfg, Path(cfg.output_dir), bundle, test, strategy.round_stats,
-                           strategy)
+                           strategy, resume_round=done)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = {k: v.numpy() for k, v in arrays.items()}
@@ -55,7 +63,22 @@ def main(grid: Grid, context: Context) -> None:
 
     config = round_config(cfg, labels, train_manifest)
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,
-                   timeout=cfg.simulation.timeout_s, train_config=config,
+                   start_round=done + 1, timeout=cfg.simulation.timeout_s, train_config=config,
                    evaluate_config=config, evaluate_fn=evaluate_fn)
     num_nodes = len(list(grid.get_node_ids()))
     recorder.finish(num_clients=num_nodes)
+
+
+def resume(cfg: Config, bundle: Bundle, strategy: ScreenedAggregation) -> int:
+    """Load the run's last complete checkpoint into model, strategy and RNGs; its round."""
+    found = last_checkpoint(Path(cfg.output_dir))
+    if found is None:
+        print(f"[fedmm] resume: no complete round in {cfg.output_dir}; starting at round 1",
+              flush=True)
+        return 0
+    done, folder = found
+    restore_adapter(bundle, folder)
+    restore_strategy_state(strategy, load_strategy_state(folder))
+    restore_rng_state(json.loads((folder / META_FILE).read_text())["rng"])
+    print(f"[fedmm] resume: continuing after round {done} from {folder}", flush=True)
+    return done

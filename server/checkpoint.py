@@ -1,21 +1,37 @@
-"""The server-side state a checkpoint must hold beside the global adapter.
+"""The server-side state a checkpoint must hold beside the global adapter, and resuming from it.
 
 Flower's server optimizers keep moments (FedAdam/FedYogi `m_t`, `v_t`; FedAvgM
 `momentum_vector`), exact LoRA aggregation keeps base-weight residuals, heterogeneous ranks keep
 the dense aggregated ΔW and each node's rank. `strategy_state` flattens all of it to named
 arrays (saved as safetensors each round); `restore_strategy_state` puts it back into a freshly
 built strategy so the next round aggregates exactly as the uninterrupted run would.
+
+A round folder `adapters/round-NNN/` is complete when it holds `checkpoint.json` (round number,
+Python/NumPy/torch RNG states): the folder is written under a temp name and renamed, so a
+crash leaves either the whole round or none of it. `last_checkpoint` finds the newest one and
+`restore_adapter` loads its adapter into the server's model for `resume=true`.
 """
 
 from __future__ import annotations
 
+import json
+import random
+import re
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file as load_torch
+
+from common.adapter import adapter_state, set_adapter_state, to_numpy
+from common.model import Bundle
 
 STATE_FILE = "server_state.safetensors"
+META_FILE = "checkpoint.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")  # PEFT, CNN-only ablation
 _DICTS = ("m_t", "v_t", "residuals", "global_delta")
 
 
@@ -70,3 +86,48 @@ def load_strategy_state(checkpoint_dir: Path) -> dict[str, np.ndarray]:
     """Read a checkpoint's strategy state (empty if it has none)."""
     path = Path(checkpoint_dir) / STATE_FILE
     return load_file(str(path)) if path.is_file() else {}
+
+
+def rng_state() -> dict:
+    """The server process's Python, NumPy and torch RNG states, as JSON-able values."""
+    version, internal, gauss = random.getstate()
+    name, keys_, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, keys_.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back what `rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys_, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys_, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def write_meta(out_dir: Path, server_round: int) -> None:
+    """Mark a round folder complete: its round number and the RNG states after it."""
+    (Path(out_dir) / META_FILE).write_text(json.dumps({"round": server_round,
+                                                       "rng": rng_state()}))
+
+
+def last_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """The newest complete round folder of a run: (round, folder), or None."""
+    found = []
+    for folder in (Path(run_dir) / "adapters").glob("round-*"):
+        if re.fullmatch(r"round-\d+", folder.name) and (folder / META_FILE).is_file():
+            found.append((json.loads((folder / META_FILE).read_text())["round"], folder))
+    return max(found) if found else None
+
+
+def restore_adapter(bundle: Bundle, checkpoint_dir: Path) -> dict[str, np.ndarray]:
+    """Load a checkpoint's adapter into the server's model; return it as the global state."""
+    path = next(Path(checkpoint_dir) / f for f in ADAPTER_FILES
+                if (Path(checkpoint_dir) / f).is_file())
+    tensors = load_torch(str(path))
+    if isinstance(bundle.model, PeftModel):
+        set_peft_model_state_dict(bundle.model, tensors)
+    else:  # the CNN-only ablation saved its whole state dict: keep the trainable part
+        set_adapter_state(bundle.model, {k: tensors[k] for k in adapter_state(bundle.model)})
+    return to_numpy(adapter_state(bundle.model))

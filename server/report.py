@@ -5,6 +5,7 @@
       metrics.jsonl          one JSON object per round (round 0 = the initial adapter)
       adapters/round-NNN/    the global adapter after round N (PEFT format + labels.json)
                              + server_state.safetensors (optimizer moments, residuals, ranks)
+                             + checkpoint.json (round, RNG states): what `resume=true` reads
       adapter/               the final global adapter (same format)
       summary.json           the run's one machine-readable result
 """
@@ -22,24 +23,30 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common.adapter import apply_base_residuals, set_adapter_state
-from server.checkpoint import save_strategy_state
 from common.config import Config, to_json
 from common.data import Encoded
 from common.model import Bundle, backbone_bytes, save_adapter
 from common.train import evaluate
+from server.checkpoint import save_strategy_state, write_meta
 from server.strategy import RoundStats
 
 log = logging.getLogger("fedmm.server")
 
 
 def save_adapter_atomic(bundle: Bundle, out_dir: Path, residuals: dict | None = None,
-                        strategy: object | None = None) -> Path:
-    """Write an adapter folder so that a reader sees the old one or the new one, never half."""
+                        strategy: object | None = None, server_round: int | None = None) -> Path:
+    """Write an adapter folder so that a reader sees the old one or the new one, never half.
+
+    With `strategy` and `server_round` it is a checkpoint: strategy state and checkpoint.json
+    are written inside the temp folder before the rename.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     save_adapter(bundle, tmp, residuals)
     if strategy is not None:
         save_strategy_state(strategy, tmp)
+    if server_round is not None:
+        write_meta(tmp, server_round)
     old = out_dir.with_name(f".{out_dir.name}-old")
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -59,16 +66,18 @@ class RunRecorder:
     """Evaluates the global adapter each round and writes everything a run leaves behind."""
 
     def __init__(self, cfg: Config, run_dir: Path, bundle: Bundle, test: Encoded,
-                 round_stats: dict[int, RoundStats], strategy: object | None = None):
+                 round_stats: dict[int, RoundStats], strategy: object | None = None,
+                 resume_round: int = 0):
         self.cfg, self.run_dir, self.bundle, self.test = cfg, run_dir, bundle, test
         self.round_stats, self.strategy = round_stats, strategy
-        self.rows: list[dict] = []
-        self.residuals: dict = {}
-        self.started = time.monotonic()
+        self.residuals: dict = dict(getattr(strategy, "residuals", None) or {})
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(json.loads(to_json(cfg)), indent=2))
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        self.rows = kept_rows(self.metrics_path, resume_round) if resume_round else []
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.rows = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in self.rows]
+        self.started = time.monotonic() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
 
     def evaluate_round(self, server_round: int, state: dict,
                        residuals: dict | None = None) -> dict[str, float]:
@@ -89,7 +98,7 @@ class RunRecorder:
                                 for k, v in row.items()}) + "\n")
         if server_round > 0:
             save_adapter_atomic(self.bundle, self.run_dir / "adapters" / f"round-{server_round:03d}",
-                                self.residuals, self.strategy)
+                                self.residuals, self.strategy, server_round)
         print(progress_line(row, self.cfg.strategy.rounds), flush=True)
         return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
                 "test_macro_f1": result["macro_f1"]}
@@ -97,6 +106,7 @@ class RunRecorder:
     def finish(self, num_clients: int) -> dict:
         """Save the final adapter and write summary.json."""
         adapter_dir = save_adapter_atomic(self.bundle, self.run_dir / "adapter", self.residuals)
+        shutil.copy(self.run_dir / "config.json", adapter_dir / "config.json")  # self-contained
         last = self.rows[-1]
         trained = [r for r in self.rows if r["round"] > 0]
         total_up = sum(r["bytes_uploaded"] for r in trained)
@@ -118,6 +128,14 @@ class RunRecorder:
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+
+def kept_rows(metrics_path: Path, last_round: int) -> list[dict]:
+    """Resuming after `last_round`: the metrics rows up to it (later ones were not checkpointed)."""
+    if not metrics_path.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["round"] <= last_round]
 
 
 def progress_line(row: dict, rounds: int) -> str:

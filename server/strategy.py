@@ -16,7 +16,7 @@ LoRA modes (`strategy.lora_aggregation`, math in common/lora_math.py):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,9 +66,39 @@ class ScreenedAggregation:
     global_delta: dict[str, np.ndarray]  # heterogeneous ranks: dense aggregated ΔW per layer
     residuals: dict[str, np.ndarray]  # exact mode: cumulative base-weight residual per layer
     global_state: dict[str, np.ndarray]
+    round_offset: int = 0  # a resumed run: rounds completed before this ServerApp started
+
+    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int,
+              start_round: int = 1, evaluate_fn: Callable | None = None, **kwargs):
+        """Flower's round loop from `start_round` on (resume), with true round numbers.
+
+        Flower counts rounds from 1; every hook below adds `round_offset`, so sites, metrics
+        and checkpoints see rounds start_round..num_rounds. The checkpoint resumed from was
+        evaluated by the run that wrote it, so round 0 is not evaluated again.
+        """
+        self.round_offset = start_round - 1
+
+        def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 and self.round_offset:
+                return None
+            return evaluate_fn(server_round + self.round_offset, arrays)  # type: ignore[misc]
+
+        return super().start(grid=grid, initial_arrays=initial_arrays,  # type: ignore[misc]
+                             num_rounds=num_rounds - self.round_offset,
+                             evaluate_fn=shifted if evaluate_fn else None, **kwargs)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays,  # type: ignore[misc]
+                                          config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return super().aggregate_evaluate(server_round + self.round_offset, replies)  # type: ignore[misc]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self.global_state = _numpy(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         for msg in messages:
@@ -124,6 +154,7 @@ class ScreenedAggregation:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         kept = self.screen(server_round, replies)
         minimum = getattr(self, "min_train_nodes", 1)
         if 0 < len(kept) < minimum:  # too few valid updates: keep the global adapter

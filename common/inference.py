@@ -1,0 +1,133 @@
+"""A site uses the global adapter on its own data: predict, evaluate, export a merged model.
+
+    fedmm predict  --adapter runs/RUN/adapter --data /site/new.csv --out preds.csv
+    fedmm evaluate --adapter runs/RUN/adapter --data /site/test.csv
+    fedmm export   --adapter runs/RUN/adapter --merge --out served-model/
+
+The backbone is rebuilt from the run's model config (`config.json` in the adapter folder, or
+in the run folder above it) and the adapter loaded with PEFT. `export --merge` folds LoRA into
+the base weights (PEFT `merge_and_unload`) and writes one plain state dict that
+`load_merged` reads back without PEFT.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from common.config import ConfigError, ModelConfig, from_json
+from common.data import ManifestError, _read_rows, encode, load_manifest
+from common.model import Bundle, build_backbone, image_stats, load_adapter, read_label_names
+from common.train import evaluate, pick_device, predict
+
+CONFIG_FILE = "config.json"
+MERGED_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "fedmm-model.json"
+
+
+def model_config_for(adapter_dir: Path) -> ModelConfig:
+    """The model config a run's adapter was trained with (beside it, or in the run folder)."""
+    for folder in (adapter_dir, adapter_dir.parent, adapter_dir.parent.parent):
+        if (folder / CONFIG_FILE).is_file():
+            return from_json((folder / CONFIG_FILE).read_text(), check_files=False).model
+    raise ConfigError(f"{adapter_dir}: no {CONFIG_FILE} in the adapter folder or its run folder")
+
+
+def _model_config(path: Path) -> ModelConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), json.loads(path.read_text()))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def load_for_inference(adapter_dir: str | Path) -> Bundle:
+    """The global model: backbone + adapter, ready to predict."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    return load_adapter(model_config_for(adapter_dir), adapter_dir)
+
+
+def _labelled(path: Path, names: list[str], workdir: Path) -> Path:
+    """The manifest itself, or a copy with a placeholder label column if it has none."""
+    columns, rows = _read_rows(path)
+    if "label" in columns:
+        return path
+    base = path.resolve().parent
+    copy = workdir / "manifest.jsonl"
+    with copy.open("w") as f:
+        for row in rows:
+            image = Path(str(row.get("image", ""))).expanduser()
+            row = {**row, "image": str(image if image.is_absolute() else base / image),
+                   "label": names[0]}
+            f.write(json.dumps(row) + "\n")
+    return copy
+
+
+def predict_manifest(bundle: Bundle, manifest: str | Path, out_csv: str | Path,
+                     device: str = "auto") -> int:
+    """Write one row per usable manifest row: image, text, predicted label name, confidence."""
+    manifest, out_csv = Path(manifest), Path(out_csv)
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: manifest not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        labelled = _labelled(manifest, bundle.label_names, Path(tmp))
+        ds, _ = load_manifest(labelled)
+        has_truth = labelled == manifest
+        data = encode(ds, bundle.label_names, bundle.image_size, bundle.image_mean,
+                      bundle.image_std, source=manifest)
+    probs = predict(bundle, data, device=pick_device(device)).softmax(-1)  # (N, C)
+    confidence, index = probs.max(-1)  # (N,), (N,)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "text", "prediction", "confidence"]
+                        + (["label"] if has_truth else []))
+        for i in range(len(ds)):
+            row = [ds[i]["image"], ds[i]["text"], bundle.label_names[int(index[i])],
+                   f"{float(confidence[i]):.4f}"]
+            writer.writerow(row + ([ds[i]["label"]] if has_truth else []))
+    return len(ds)
+
+
+def evaluate_manifest(bundle: Bundle, manifest: str | Path, device: str = "auto") -> dict:
+    """Loss, accuracy and macro-F1 of the global model on a labelled manifest."""
+    ds, _ = load_manifest(manifest)
+    data = encode(ds, bundle.label_names, bundle.image_size, bundle.image_mean,
+                  bundle.image_std, source=manifest)
+    return evaluate(bundle, data, device=pick_device(device))
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold the adapter into the backbone (PEFT merge_and_unload) and write it for serving."""
+    adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    bundle = load_for_inference(adapter_dir)
+    model = bundle.model.merge_and_unload() if isinstance(bundle.model, PeftModel) else bundle.model
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / MERGED_FILE))
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model_config_for(adapter_dir)),
+                                                    indent=2))
+    (out / "labels.json").write_text(json.dumps(read_label_names(adapter_dir)))
+    if bundle.tokenizer is not None:
+        bundle.tokenizer.save_pretrained(out / "tokenizer")
+    return out
+
+
+def load_merged(model_dir: str | Path) -> Bundle:
+    """Read a merged export: the plain classifier (no PEFT), its tokenizer and label names."""
+    model_dir = Path(model_dir)
+    cfg = _model_config(model_dir / MODEL_CONFIG_FILE)
+    names = read_label_names(model_dir)
+    model, extras = build_backbone(cfg, len(names))
+    model.load_state_dict(load_file(str(model_dir / MERGED_FILE)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mean, std = image_stats(cfg)
+    return Bundle(model, extras["tokenizer"], names, cfg.vision.image_size, mean, std,
+                  cfg.text.max_length)

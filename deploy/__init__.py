@@ -1,0 +1,1 @@
+"""The `fedmm` command: deploy a federation across sites on Flower's deployment engine."""

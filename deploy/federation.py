@@ -1,0 +1,130 @@
+"""The server side and the run side of a deployed federation, over Flower's own commands.
+
+    serve(...)   flower-superlink with TLS (server.crt/key, ca.crt), SuperNode authentication
+                 and a state database; once healthy, registers each site's public key through
+                 the Control API (`flwr supernode register`), then runs until stopped.
+    train(...)   composes + validates the Hydra config, then `flwr run APP fedmm --stream` against
+                 the SuperLink's Control API (TLS with the federation's CA), and reads the run's
+                 final status back (`flwr ls`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from common import keys
+from deploy.flwr_cli import FlowerRun, register_node, submit, write_connection, write_run_config
+from deploy.processes import (BIN, DeployError, flower_env, new_tag, popen_kwargs, teardown,
+                              wait_healthy)
+
+if TYPE_CHECKING:  # the run side needs torch and Hydra; the server side starts without them
+    from common.config import Config
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml + packages
+CONNECTION = "fedmm"
+
+
+def superlink_argv(host: str, port: int, database: Path, certs: Path | None) -> list[str]:
+    """flower-superlink with TLS + SuperNode authentication (or plain text if `certs` is None)."""
+    argv = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
+            "--database", str(database), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return argv + ["--insecure"]
+    return argv + ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile",
+                   str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
+                   "--enable-supernode-auth"]
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DeployError(f"{path}: {what} not found (create it with `fedmm certs`)")
+    return path
+
+
+def serve(*, host: str, port: int, state_dir: Path, certs: Path | None,
+          site_keys: list[Path], home: Path | None = None) -> int:
+    """Run the SuperLink in the foreground; register `site_keys` once it is up."""
+    if certs is not None:
+        for name in ("ca.crt", "server.crt", "server.key"):
+            _need(certs / name, "TLS file")
+        for key in site_keys:
+            _need(key, "site public key")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    home = home or state_dir / "flwr-home"
+    local = f"127.0.0.1:{port}"  # the server certificate always names 127.0.0.1
+    write_connection(home, CONNECTION, local, certs / "ca.crt" if certs else None)
+    tag = new_tag()
+    popen = popen_kwargs(flower_env(home, tag), state_dir)
+    superlink = subprocess.Popen(superlink_argv(host, port, state_dir / "state.db", certs),
+                                 **popen)
+    try:
+        wait_healthy(superlink, local, certs / "ca.crt" if certs else None)
+        for key in site_keys if certs is not None else []:
+            node_id = register_node(key, CONNECTION, popen)
+            print(f"[fedmm] site key {key.name}: "
+                  f"{'registered as node ' + node_id if node_id else 'already registered'}",
+                  flush=True)
+        print(f"[fedmm] SuperLink ready on {host}:{port} "
+              f"({'TLS + node authentication' if certs else 'INSECURE: plain text'}), "
+              f"state in {state_dir / 'state.db'}", flush=True)
+        return superlink.wait()
+    except (RuntimeError, TimeoutError) as err:
+        raise DeployError(str(err)) from None
+    finally:
+        teardown([superlink], tag)
+
+
+def compose(overrides: list[str], resume_dir: Path | None) -> Config:
+    """The run's validated config: Hydra overrides, or the saved config of a run to resume."""
+    from common.config import from_json, load_config
+
+    if resume_dir is not None:
+        saved = resume_dir / "config.json"
+        if not saved.is_file():
+            raise DeployError(f"{saved}: not found; --resume takes a run folder")
+        if overrides:
+            raise DeployError("--resume continues a run with its saved config; "
+                              "drop the overrides")
+        cfg = from_json(saved.read_text())
+        return replace(cfg, resume=True, output_dir=str(resume_dir.resolve()))
+    cfg = load_config(overrides)
+    return replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()),
+                   data=replace(cfg.data, demo_dir=str(Path(cfg.data.demo_dir).resolve())))
+
+
+def prepare(cfg: Config) -> Config:
+    """Generate or check the server's manifests (label set and test split) before submitting."""
+    from common.data import load_manifest
+    from common.task import prepare_manifests
+
+    train, test = prepare_manifests(cfg)
+    load_manifest(train)
+    load_manifest(test)
+    return replace(cfg, data=replace(cfg.data, train=str(train), test=str(test)))
+
+
+def train(cfg: Config, *, superlink: str, ca_cert: Path | None, timeout: float) -> FlowerRun:
+    """Submit the run to the federation and stream its log until it ends."""
+    from common.config import to_json
+
+    if ca_cert is not None:
+        _need(ca_cert, "CA certificate")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="fedmm-train-"))
+    (home / "cwd").mkdir()
+    write_connection(home, CONNECTION, superlink, ca_cert)
+    run_config = write_run_config(home / "run-config.toml", {keys.RUN_CONFIG: to_json(cfg)})
+    tag = new_tag()
+    procs: list[subprocess.Popen] = []
+    try:
+        return submit(APP_DIR, CONNECTION, run_config,
+                      popen=popen_kwargs(flower_env(home, tag), home / "cwd"),
+                      timeout=timeout, log_path=out / "flower.log", procs=procs)
+    finally:
+        teardown(procs, tag)

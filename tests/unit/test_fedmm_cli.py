@@ -1,0 +1,58 @@
+"""The `fedmm` command: the Flower command lines it builds, and one-line user errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from deploy.cli import parser, site_argv
+from deploy.federation import superlink_argv
+
+
+def test_site_runs_a_supernode_with_tls_node_auth_and_its_node_config(tmp_path):
+    for name in ("train.csv", "ca.crt", "clinic-a.key"):
+        (tmp_path / name).write_text("x")
+    args = parser().parse_args(["site", "--superlink", "fl.example.org:9093", "--data",
+                                str(tmp_path / "train.csv"), "--ca", str(tmp_path / "ca.crt"),
+                                "--key", str(tmp_path / "clinic-a.key"), "--rank", "4",
+                                "--device", "cuda"])
+    argv = site_argv(args)
+    assert argv[0].endswith("flower-supernode") and "--insecure" not in argv
+    assert argv[argv.index("--superlink") + 1] == "fl.example.org:9093"
+    assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "clinic-a.key")
+    node = argv[argv.index("--node-config") + 1]
+    assert node == (f'data-path="{tmp_path / "train.csv"}" site-name="clinic-a" '
+                    f'device="cuda" lora-rank=4')
+
+
+def test_server_turns_on_tls_node_auth_and_a_state_database(tmp_path):
+    argv = superlink_argv("0.0.0.0", 9093, tmp_path / "state.db", tmp_path)
+    for flag, value in (("--ssl-ca-certfile", tmp_path / "ca.crt"),
+                        ("--ssl-certfile", tmp_path / "server.crt"),
+                        ("--ssl-keyfile", tmp_path / "server.key"),
+                        ("--database", tmp_path / "state.db")):
+        assert argv[argv.index(flag) + 1] == str(value)
+    assert "--enable-supernode-auth" in argv and "--insecure" not in argv
+    assert "--insecure" in superlink_argv("0.0.0.0", 9093, tmp_path / "s.db", None)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["site", "--superlink", "h:1", "--data", "{tmp}/missing.csv"], "manifest not found"),
+    (["site", "--superlink", "h:1", "--data", "{tmp}/train.csv"], "--ca"),
+    (["server"], "--certs"),
+    (["server", "--certs", "{tmp}"], "site public keys"),
+    (["train", "--superlink", "h:1"], "--ca"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, expected):
+    (tmp_path / "train.csv").write_text("image,text,label\n")
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "server.key").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "deploy.cli",
+                           *[a.format(tmp=tmp_path) for a in args]],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
