@@ -26,6 +26,7 @@ from common.model import Bundle
 from common.task import cached_bundle, site_data
 from common.train import evaluate as evaluate_model
 from common.train import pick_device, train_local
+from client.privacy import privacy_mod
 
 app = ClientApp()
 _CONFIGS: dict[str, Config] = {}
@@ -91,9 +92,10 @@ def _site_number(context: Context) -> int:
     return int(context.node_config.get(keys.PARTITION_ID, context.node_id % 1_000_003))
 
 
-@app.train()
+@app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on local data and send back the new adapter_state."""
+    _maybe_drop_out(run_config(context), context)
     site = _site(msg, context)
     cfg, round_cfg = site.cfg, site.round_cfg
     server_round = int(round_cfg[keys.SERVER_ROUND])
@@ -114,6 +116,13 @@ def train(msg: Message, context: Context) -> Message:
                                     keys.TRAIN_LOSS: metrics["train_loss"]}),
     })
     return Message(content=reply, reply_to=msg)
+
+
+def _maybe_drop_out(cfg: Config, context: Context) -> None:
+    """Simulation only: a site in `simulation.drop_sites` fails mid-round, every round."""
+    node = context.node_config
+    if keys.PARTITION_ID in node and int(node[keys.PARTITION_ID]) in cfg.simulation.drop_sites:
+        raise RuntimeError(f"simulated dropout of site {node[keys.PARTITION_ID]}")
 
 
 def _maybe_poison(cfg: Config, context: Context, state: dict, global_state: dict) -> dict:

@@ -95,14 +95,16 @@ def local_steps(num_examples: int, batch_size: int, epochs: int) -> int:
 
 def secagg_error_bound(num_sites: int, clipping_range: float, quantization_range: int,
                        weight_sum: float) -> float:
-    """Largest per-coordinate gap between the SecAgg+ aggregate and plaintext FedAvg.
+    """Largest per-coordinate gap between the SecAgg+ mean and plaintext FedAvg: 3·K·c / (Q·Σw).
 
-    Each site sends round(w_k·x_k) on a grid of step 2c/Q (stochastic rounding: error < 2c/Q);
-    the server divides the sum by Σ w_k, with w_k = n_k / max_weight quantised to 1/Q. Holds when
-    every |w_k·x_k| <= c (no clipping) and the weights are those quantised ratios. Returned:
-    num_sites × 2c/Q / Σ w_k.
+    Site k uploads w_k·Δ_k on a grid of step 2c/Q over [-c, c] (stochastic rounding: error
+    < 2c/Q), with w_k = n_k / max_weight itself rounded to a multiple of 1/Q (error <= 1/(2Q)).
+    The server divides the sum by Σ_k w_k. Rounding of the K uploads adds < K·2c/(Q·Σw); the
+    rounded weights move the weighted mean of values in [-c, c] by <= c·Σ|Δp_k| <= K·c/(Q·Σw).
+    Holds when no coordinate is clipped (|Δ_k| <= c) and K·Q < modulus (2**32), so the integer
+    sum never wraps. `weight_sum` is Σ_k w_k.
     """
-    return num_sites * 2 * clipping_range / quantization_range / weight_sum
+    return 3 * num_sites * clipping_range / (quantization_range * weight_sum)
 
 
 def check_privacy(c: Config) -> None:
@@ -150,6 +152,8 @@ def check_privacy(c: Config) -> None:
              + "heterogeneous ranks need each site's factors)", c.simulation.site_ranks)
     _require(s.max_update_norm == 0, "strategy.max_update_norm", "0 " + why
              + "screening an update's norm needs it in plaintext)", s.max_update_norm)
+    _require(s.fraction_evaluate == 0, "strategy.fraction_evaluate", "0 " + why
+             + "the server evaluates the global adapter on the test split)", s.fraction_evaluate)
     _require(p.num_shares > 0, "privacy.num_shares", "> 0", p.num_shares)
     _require(p.num_shares <= 1 or (p.num_shares == int(p.num_shares) and p.num_shares > 2),
              "privacy.num_shares", "a fraction in (0, 1] or an integer > 2", p.num_shares)

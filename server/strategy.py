@@ -41,6 +41,8 @@ class RoundStats:
     rejected: int = 0
     bytes_uploaded: int = 0
     train_loss: float = float("nan")
+    site_epsilon: float = float("nan")  # local DP-SGD: the largest ε a site reported
+    secagg_bound: float = float("nan")  # SecAgg+: per-coordinate bound vs plaintext FedAvg
     reasons: list[str] = field(default_factory=list)
 
 
@@ -66,6 +68,8 @@ class ScreenedAggregation:
     global_delta: dict[str, np.ndarray]  # heterogeneous ranks: dense aggregated ΔW per layer
     residuals: dict[str, np.ndarray]  # exact mode: cumulative base-weight residual per layer
     global_state: dict[str, np.ndarray]
+    prescreened_round: int = -1  # a DP wrapper screened this round's replies already
+    dp_releases: int = 0  # central DP: noised aggregates released so far (the accountant state)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -120,11 +124,13 @@ class ScreenedAggregation:
                     record[k] = Array(self.global_state[k])
             kept.append(msg)
         stats.replied = len(kept)
+        note_site_epsilon(stats, [m.content[keys.METRICS] for m in kept])
         return kept
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept = self.screen(server_round, replies)
+        kept = (list(replies) if server_round == self.prescreened_round
+                else self.screen(server_round, replies))
         minimum = getattr(self, "min_train_nodes", 1)
         if 0 < len(kept) < minimum:  # too few valid updates: keep the global adapter
             log.warning("round %d: only %d valid update(s), fewer than min_train_nodes=%d; "
@@ -177,6 +183,13 @@ class ScreenedAggregation:
             self.residuals[prefix] = self.residuals.get(prefix, 0) + r
         metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)  # type: ignore[attr-defined]
         return _record(state), metrics
+
+
+def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
+    """Keep the largest local-DP ε the sites of a round reported."""
+    reported = [float(m[keys.SITE_EPSILON]) for m in metrics if keys.SITE_EPSILON in m]
+    if reported:
+        stats.site_epsilon = max(reported)
 
 
 def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
