@@ -41,3 +41,4 @@ LOCAL_DP_NOISE = "local-dp-noise"  # local DP-SGD: this site's noise multiplier 
 EPSILON = "epsilon"                # metrics.jsonl / summary.json: cumulative ε at `delta`
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
+SECAGG_ERROR_BOUND = "secagg_error_bound"  # metrics.jsonl: per-coordinate bound vs plaintext

@@ -80,7 +80,7 @@ def privacy_metrics(cfg: Config, releases: int, stats: RoundStats) -> dict[str, 
     p = cfg.privacy
     out: dict = {}
     if p.secagg and not math.isnan(stats.secagg_bound):
-        out["secagg_error_bound"] = stats.secagg_bound
+        out[keys.SECAGG_ERROR_BOUND] = stats.secagg_bound
     if p.dp in CENTRAL_DP:
         eps = epsilon(p.noise_multiplier, central_sample_rate(cfg), releases, p.delta)
         out.update({keys.EPSILON: eps, keys.DELTA: p.delta,
