@@ -7,11 +7,13 @@
                           fedmm's records, and uploads the update Δ = local − global.
   privacy.dp=client_fixed     Flower's `fixedclipping_mod`: clip Δ to the norm the server sends.
   privacy.dp=client_adaptive  Flower's `adaptiveclipping_mod` (also reports the norm bit).
+  privacy.dp=local            `local_dp_train`: Opacus DP-SGD (common/dp_sgd.py); the site keeps
+                              its step count in its Context and reports its own (ε, δ).
 """
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -20,6 +22,11 @@ from flwr.common import (Code, FitRes, Status, ndarrays_to_parameters,
 from flwr.compat.common import recorddict_compat as compat
 
 from common import keys
+from common.config import Config
+from common.dp_sgd import train_local_dp
+from common.privacy import epsilon, local_noise_multiplier, local_steps
+
+LOCAL_DP_STATE = "fedmm.local-dp"  # this site's DP-SGD steps so far (its accountant state)
 
 
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -57,3 +64,21 @@ def _legacy_io(msg: Message, context: Context, call_next: ClientAppCallable) -> 
                     int(metrics[keys.NUM_EXAMPLES]), metrics)
     reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
     return reply
+
+
+def local_dp_train(cfg: Config, context: Context, train_kwargs: dict) -> dict:
+    """DP-SGD on this site's data; return train metrics plus this site's cumulative ε and z."""
+    p, s = cfg.privacy, cfg.strategy
+    data = train_kwargs["data"]
+    z = p.noise_multiplier
+    if p.target_epsilon > 0:  # reach the target after every round's steps at this site
+        z = local_noise_multiplier(p.target_epsilon, len(data), train_kwargs["batch_size"],
+                                   train_kwargs["epochs"], s.rounds, p.delta)
+    kwargs = {k: v for k, v in train_kwargs.items() if k != "proximal_mu"}
+    metrics = train_local_dp(**kwargs, noise_multiplier=z, max_grad_norm=p.clipping_norm)
+    state = context.state.metric_records.get(LOCAL_DP_STATE, MetricRecord({"steps": 0}))
+    steps = int(state["steps"]) + int(metrics["steps"])
+    context.state.metric_records[LOCAL_DP_STATE] = MetricRecord({"steps": steps})
+    metrics[keys.SITE_EPSILON] = epsilon(z, metrics["sample_rate"], steps, p.delta)
+    metrics[keys.LOCAL_DP_NOISE] = z
+    return metrics

@@ -16,6 +16,7 @@ tests/unit/test_privacy.py checks this accountant against Opacus's RDP analysis.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import replace
@@ -93,6 +94,15 @@ def local_steps(num_examples: int, batch_size: int, epochs: int) -> int:
     return epochs * max(1, math.ceil(num_examples / batch_size))
 
 
+@functools.lru_cache(maxsize=64)
+def local_noise_multiplier(target_epsilon: float, num_examples: int, batch_size: int,
+                           epochs: int, rounds: int, delta: float) -> float:
+    """A site's DP-SGD noise multiplier that reaches `target_epsilon` if it trains every round."""
+    steps = rounds * local_steps(num_examples, batch_size, epochs)
+    return solve_noise_multiplier(target_epsilon, min(1.0, batch_size / num_examples), steps,
+                                  delta)
+
+
 def secagg_error_bound(num_sites: int, clipping_range: float, quantization_range: int,
                        weight_sum: float) -> float:
     """Largest per-coordinate gap between the SecAgg+ mean and plaintext FedAvg: 3·K·c / (Q·Σw).
@@ -126,6 +136,12 @@ def check_privacy(c: Config) -> None:
         _require(p.noise_multiplier > 0 or p.target_epsilon > 0, "privacy.noise_multiplier",
                  f"> 0 (or privacy.target_epsilon > 0) with privacy.dp={p.dp}",
                  p.noise_multiplier)
+    if p.dp == "local":
+        missing = {k: v for k, v in vars(c.skew).items() if k.startswith("missing_") and v > 0}
+        _require(not missing, "skew", "free of missing modalities with privacy.dp=local (a tower "
+                 "that skips rows breaks Opacus's per-sample gradients)", missing)
+        _require(s.proximal_mu == 0, "strategy.proximal_mu", "0 with privacy.dp=local (the "
+                 "proximal term is not a per-sample loss)", s.proximal_mu)
     if p.dp in CENTRAL_DP:
         why = (f"with privacy.dp={p.dp} (the DP wrappers clip and noise one uniform mean of "
                "whole-adapter updates)")
