@@ -106,3 +106,18 @@ def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(
 ])
 def test_linear_modes_compose_with_privacy(overrides):
     load_config(overrides)
+
+
+def test_central_dp_accountant_state_survives_a_checkpoint():
+    from flwr.app import Array, ArrayRecord
+
+    from server.checkpoint import restore_strategy_state, strategy_state
+    from server.strategy import make_strategy
+
+    cfg = load_config(["privacy=central_dp"])
+    initial = ArrayRecord({"head.weight": Array(np.zeros((2, 3), dtype=np.float32))})
+    strategy = make_strategy(cfg.strategy, initial)
+    strategy.dp_releases = 3
+    fresh = make_strategy(cfg.strategy, initial)
+    restore_strategy_state(fresh, strategy_state(strategy))
+    assert fresh.dp_releases == 3
