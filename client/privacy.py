@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
@@ -24,8 +26,9 @@ from flwr.compat.common import recorddict_compat as compat
 from common import keys
 from common.config import Config
 from common.dp_sgd import train_local_dp
-from common.privacy import epsilon, local_noise_multiplier, local_steps
+from common.privacy import epsilon, local_noise_multiplier
 
+log = logging.getLogger("fedmm.client")
 LOCAL_DP_STATE = "fedmm.local-dp"  # this site's DP-SGD steps so far (its accountant state)
 
 
@@ -35,7 +38,8 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
 
     p = run_config(context).privacy
     if p.secagg:
-        return secaggplus_mod(msg, context, lambda m, c: _legacy_io(m, c, call_next))
+        return secaggplus_mod(msg, context,
+                              lambda m, c: _legacy_io(m, c, call_next, p.clipping_range))
     if p.dp == "client_fixed":
         return fixedclipping_mod(msg, context, call_next)
     if p.dp == "client_adaptive":
@@ -43,7 +47,8 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return call_next(msg, context)
 
 
-def _legacy_io(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+def _legacy_io(msg: Message, context: Context, call_next: ClientAppCallable,
+               clipping_range: float) -> Message:
     """Legacy FitIns in, fedmm's handler in between, legacy FitRes (of the update Δ) out."""
     config = msg.content.config_records["fitins.config"]  # (compat's FitIns refuses lists)
     parameters = compat.arrayrecord_to_parameters(
@@ -60,6 +65,10 @@ def _legacy_io(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     metrics = dict(reply.content[keys.METRICS])
     # keys a site does not upload (ffa: frozen A) did not change: their update is zero
     delta = [local[k] - global_state[k] if k in local else 0 * global_state[k] for k in names]
+    largest = max(float(abs(d).max()) for d in delta)
+    if largest > clipping_range:  # SecAgg+ clips it silently: say so where it happens
+        log.warning("update coordinate %.3g exceeds privacy.clipping_range=%g; SecAgg+ clips it",
+                    largest, clipping_range)
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta),
                     int(metrics[keys.NUM_EXAMPLES]), metrics)
     reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
