@@ -28,6 +28,7 @@ from common.model import Bundle
 from common.task import cached_bundle, site_data
 from common.train import evaluate as evaluate_model
 from common.train import pick_device, train_local
+from client.privacy import local_dp_train, privacy_mod
 
 app = ClientApp()
 _CONFIGS: dict[str, Config] = {}
@@ -101,20 +102,23 @@ def _site_number(context: Context) -> int:
     return zlib.crc32(name.encode()) % 1_000_003
 
 
-@app.train()
+@app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on local data and send back the new adapter_state."""
+    _maybe_drop_out(run_config(context), context)
     site = _site(msg, context)
     cfg, round_cfg = site.cfg, site.round_cfg
     server_round = int(round_cfg[keys.SERVER_ROUND])
-    metrics = train_local(
-        site.bundle, site.train, epochs=int(round_cfg[keys.LOCAL_EPOCHS]),
+    train_kwargs = dict(
+        bundle=site.bundle, data=site.train, epochs=int(round_cfg[keys.LOCAL_EPOCHS]),
         batch_size=int(round_cfg[keys.BATCH_SIZE]), lr=float(round_cfg[keys.LR]),
         weight_decay=float(round_cfg[keys.WEIGHT_DECAY]),
         proximal_mu=float(round_cfg.get(keys.PROXIMAL_MU, 0.0)),
         absent_class_scale=float(round_cfg.get(keys.ABSENT_CLASS_SCALE, 1.0)),
         seed=cfg.seed * 100_003 + server_round * 1_009 + _site_number(context),
         device=site.device)
+    metrics = (local_dp_train(cfg, context, train_kwargs) if cfg.privacy.dp == "local"
+               else train_local(**train_kwargs))
     state = to_numpy(adapter_state(site.bundle.model))
     if round_cfg.get(keys.FREEZE_LORA_A, False):  # ffa: A never changes, so it is not sent
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
@@ -122,9 +126,19 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({
         keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
-                                    keys.TRAIN_LOSS: metrics["train_loss"]}),
+                                    keys.TRAIN_LOSS: metrics["train_loss"],
+                                    **{k: metrics[k] for k in (keys.SITE_EPSILON,
+                                                               keys.LOCAL_DP_NOISE)
+                                       if k in metrics}}),
     })
     return Message(content=reply, reply_to=msg)
+
+
+def _maybe_drop_out(cfg: Config, context: Context) -> None:
+    """Simulation only: a site in `simulation.drop_sites` fails mid-round, every round."""
+    node = context.node_config
+    if keys.PARTITION_ID in node and int(node[keys.PARTITION_ID]) in cfg.simulation.drop_sites:
+        raise RuntimeError(f"simulated dropout of site {node[keys.PARTITION_ID]}")
 
 
 def _maybe_poison(cfg: Config, context: Context, state: dict, global_state: dict) -> dict:

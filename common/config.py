@@ -31,6 +31,8 @@ PARTITIONS = ("iid", "dirichlet", "pathological", "quantity", "natural")
 ON_SMALL = ("refuse", "rebalance")
 DATA_SOURCES = ("demo", "manifest")
 DEVICES = ("auto", "cpu", "cuda")
+DP_MODES = ("none", "server_fixed", "server_adaptive", "client_fixed", "client_adaptive", "local")
+CENTRAL_DP = ("server_fixed", "server_adaptive", "client_fixed", "client_adaptive")
 
 
 class ConfigError(ValueError):
@@ -138,6 +140,27 @@ class SimulationConfig:
     attack_fraction: float   # share of sites that attack (the lowest partition ids)
     attack_scale: float      # `scale`: the update is multiplied by this
     site_ranks: list[int]    # LoRA rank per site, cycled; [] = every site uses model.lora.r
+    drop_sites: list[int] = field(default_factory=list)  # partitions whose train fails
+
+
+@dataclass
+class PrivacyConfig:
+    """Secure aggregation and differential privacy (common/privacy.py holds the math)."""
+
+    secagg: bool
+    num_shares: float              # <= 1: fraction of the sampled sites; else a count (> 2)
+    reconstruction_threshold: float  # <= 1: fraction of num_shares; else a count
+    clipping_range: float          # SecAgg+ clips every update coordinate to [-range, range]
+    quantization_range: int        # SecAgg+ integer levels over that range
+    max_weight: float              # SecAgg+ largest num-examples of one site
+    dp: str                        # one of DP_MODES
+    noise_multiplier: float
+    target_epsilon: float          # > 0: solve noise_multiplier before the run
+    delta: float
+    clipping_norm: float
+    target_clipped_quantile: float
+    clip_norm_lr: float
+    clipped_count_stddev: float    # 0: Flower's default, num_sampled / 20
 
 
 @dataclass
@@ -148,6 +171,7 @@ class Config:
     skew: SkewConfig
     strategy: StrategyConfig
     simulation: SimulationConfig
+    privacy: PrivacyConfig
     seed: int
     device: str
     output_dir: str
@@ -266,6 +290,9 @@ def _check_ranges(c: Config, check_files: bool = True) -> None:
     _require(c.simulation.client_num_cpus > 0, "simulation.client_num_cpus", "> 0",
              c.simulation.client_num_cpus)
     _require(c.simulation.timeout_s > 0, "simulation.timeout_s", "> 0", c.simulation.timeout_s)
+    from common.privacy import check_privacy  # the privacy keys and what they compose with
+
+    check_privacy(c)
 
 
 def to_json(config: Config) -> str:

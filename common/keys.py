@@ -35,3 +35,12 @@ ATTACK = "attack"                  # simulation only: none / scale / signflip
 ATTACK_FRACTION = "attack-fraction"
 ATTACK_SCALE = "attack-scale"
 LORA_RANK = "lora-rank"            # deployment node config: this site's LoRA rank
+
+# Privacy (common/privacy.py, server/privacy.py, client/privacy.py)
+ARRAY_KEYS = "array-keys"          # SecAgg+: adapter key order of the unnamed legacy Parameters
+SITE_EPSILON = "site-epsilon"      # local DP-SGD: this site's cumulative ε (train metrics)
+LOCAL_DP_NOISE = "local-dp-noise"  # local DP-SGD: this site's noise multiplier (train metrics)
+EPSILON = "epsilon"                # metrics.jsonl / summary.json: cumulative ε at `delta`
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise_multiplier"
+SECAGG_ERROR_BOUND = "secagg_error_bound"  # metrics.jsonl: per-coordinate bound vs plaintext

@@ -13,7 +13,6 @@ COPY common common
 COPY server server
 COPY client client
 COPY simulations simulations
-COPY deploy deploy
 RUN pip install --no-cache-dir -e .
 
 # TLS files and the site public keys under /certs, the state database under /state,

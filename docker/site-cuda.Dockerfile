@@ -17,7 +17,6 @@ COPY common common
 COPY server server
 COPY client client
 COPY simulations simulations
-COPY deploy deploy
 RUN pip install --no-cache-dir -e .
 
 ENTRYPOINT ["fedmm"]

@@ -13,7 +13,6 @@ COPY common common
 COPY server server
 COPY client client
 COPY simulations simulations
-COPY deploy deploy
 RUN pip install --no-cache-dir -e .
 
 # The site's manifest and images under /data (read-only), ca.crt and the site key as secrets.

@@ -19,10 +19,13 @@ from common import keys
 from common.adapter import adapter_state
 from common.config import Config, from_run_config
 from common.model import Bundle
+from common.privacy import num_sampled_sites, resolve_noise_multiplier
 from common.task import cached_bundle, load_test_split, manifest_labels, prepare_manifests
 from server.checkpoint import (META_FILE, last_checkpoint, load_strategy_state, restore_adapter,
                                restore_rng_state, restore_strategy_state)
+from server.privacy import wrap_dp
 from server.report import RunRecorder
+from server.secagg import run_secagg
 from server.strategy import ScreenedAggregation, make_strategy
 
 app = ServerApp()
@@ -45,6 +48,7 @@ def round_config(cfg: Config, labels: list[str], train_manifest: Path) -> Config
 def main(grid: Grid, context: Context) -> None:
     """Run the federation and write the run folder."""
     cfg = from_run_config(str(context.run_config.get(keys.RUN_CONFIG, "")))
+    cfg = resolve_noise_multiplier(cfg)  # a target ε fixes the noise multiplier, before any round
     train_manifest, test_manifest = prepare_manifests(cfg)
     labels = manifest_labels(train_manifest)
     bundle = cached_bundle(cfg.model, labels)
@@ -62,9 +66,15 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord(recorder.evaluate_round(server_round, state, strategy.residuals))
 
     config = round_config(cfg, labels, train_manifest)
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,
-                   start_round=done + 1, timeout=cfg.simulation.timeout_s, train_config=config,
-                   evaluate_config=config, evaluate_fn=evaluate_fn)
+    if cfg.privacy.secagg:  # Flower's legacy SecAgg+ workflow (server/secagg.py)
+        run_secagg(grid, context, cfg, {k: v.numpy() for k, v in initial.items()}, dict(config),
+                   strategy.round_stats, recorder.evaluate_round)
+        recorder.finish(num_clients=len(list(grid.get_node_ids())))
+        return
+    runner = wrap_dp(strategy, cfg, num_sampled_sites(cfg))
+    runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,
+                 start_round=done + 1, timeout=cfg.simulation.timeout_s, train_config=config,
+                 evaluate_config=config, evaluate_fn=evaluate_fn)
     num_nodes = len(list(grid.get_node_ids()))
     recorder.finish(num_clients=num_nodes)
 

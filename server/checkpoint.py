@@ -2,7 +2,8 @@
 
 Flower's server optimizers keep moments (FedAdam/FedYogi `m_t`, `v_t`; FedAvgM
 `momentum_vector`), exact LoRA aggregation keeps base-weight residuals, heterogeneous ranks keep
-the dense aggregated ΔW and each node's rank. `strategy_state` flattens all of it to named
+the dense aggregated ΔW and each node's rank, central DP the number of noised releases (from
+which the accountant recomputes ε). `strategy_state` flattens all of it to named
 arrays (saved as safetensors each round); `restore_strategy_state` puts it back into a freshly
 built strategy so the next round aggregates exactly as the uninterrupted run would.
 
@@ -48,6 +49,8 @@ def strategy_state(strategy: object) -> dict[str, np.ndarray]:
         current = {k: v.numpy() for k, v in current.items()}
     for i, (key, value) in enumerate((current or {}).items()):  # order matters to FedAvgM
         out[f"current_arrays/{i:05d}/{key}"] = np.ascontiguousarray(value)
+    if getattr(strategy, "dp_releases", 0):  # central DP: the accountant's state
+        out["dp_releases"] = np.array([strategy.dp_releases], dtype=np.int64)  # type: ignore[attr-defined]
     nodes = getattr(strategy, "node_ranks", None) or {}
     if nodes:
         out["node_ranks"] = np.array(sorted(nodes.items()), dtype=np.uint64)  # (N, 2) node ids are u64
@@ -71,6 +74,8 @@ def restore_strategy_state(strategy: object, state: dict[str, np.ndarray]) -> No
         strategy.current_arrays = (  # type: ignore[attr-defined]
             ArrayRecord({k: Array(v) for k, v in current.items()})
             if isinstance(strategy, FedAvgM) else current)
+    if "dp_releases" in state:
+        strategy.dp_releases = int(state["dp_releases"][0])  # type: ignore[attr-defined]
     if "node_ranks" in state:
         strategy.node_ranks = {int(n): int(r) for n, r in state["node_ranks"]}  # type: ignore[attr-defined]
 

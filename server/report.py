@@ -28,6 +28,7 @@ from common.data import Encoded
 from common.model import Bundle, backbone_bytes, save_adapter
 from common.train import evaluate
 from server.checkpoint import save_strategy_state, write_meta
+from server.privacy import privacy_metrics
 from server.strategy import RoundStats
 
 log = logging.getLogger("fedmm.server")
@@ -91,7 +92,8 @@ class RunRecorder:
                "rejected": stats.rejected, "bytes_uploaded": stats.bytes_uploaded,
                "train_loss": stats.train_loss, "test_loss": result["loss"],
                "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"],
-               "elapsed_s": round(time.monotonic() - self.started, 2)}
+               "elapsed_s": round(time.monotonic() - self.started, 2),
+               **privacy_metrics(self.cfg, getattr(self.strategy, "dp_releases", 0), stats)}
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -125,6 +127,8 @@ class RunRecorder:
             "lora_aggregation": self.cfg.strategy.lora_aggregation,
             "partition": asdict(self.cfg.partition),
             "seed": self.cfg.seed,
+            "privacy": asdict(self.cfg.privacy),
+            **{k: last[k] for k in ("epsilon", "delta") if k in last},
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary

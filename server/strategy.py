@@ -41,6 +41,8 @@ class RoundStats:
     rejected: int = 0
     bytes_uploaded: int = 0
     train_loss: float = float("nan")
+    site_epsilon: float = float("nan")  # local DP-SGD: the largest ε a site reported
+    secagg_bound: float = float("nan")  # SecAgg+: per-coordinate bound vs plaintext FedAvg
     reasons: list[str] = field(default_factory=list)
 
 
@@ -50,6 +52,20 @@ def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def shift_rounds(evaluate_fn: Callable | None, offset: int) -> Callable | None:
+    """`evaluate_fn` seeing true round numbers when Flower's loop starts after `offset` rounds.
+
+    The checkpoint a run resumes from was evaluated by the run that wrote it, so Flower's
+    round 0 is not evaluated again.
+    """
+    if evaluate_fn is None or not offset:
+        return evaluate_fn
+
+    def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        return None if server_round == 0 else evaluate_fn(server_round + offset, arrays)
+    return shifted
 
 
 class ScreenedAggregation:
@@ -73,19 +89,12 @@ class ScreenedAggregation:
         """Flower's round loop from `start_round` on (resume), with true round numbers.
 
         Flower counts rounds from 1; every hook below adds `round_offset`, so sites, metrics
-        and checkpoints see rounds start_round..num_rounds. The checkpoint resumed from was
-        evaluated by the run that wrote it, so round 0 is not evaluated again.
+        and checkpoints see rounds start_round..num_rounds.
         """
         self.round_offset = start_round - 1
-
-        def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0 and self.round_offset:
-                return None
-            return evaluate_fn(server_round + self.round_offset, arrays)  # type: ignore[misc]
-
         return super().start(grid=grid, initial_arrays=initial_arrays,  # type: ignore[misc]
                              num_rounds=num_rounds - self.round_offset,
-                             evaluate_fn=shifted if evaluate_fn else None, **kwargs)
+                             evaluate_fn=shift_rounds(evaluate_fn, self.round_offset), **kwargs)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -95,6 +104,8 @@ class ScreenedAggregation:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         return super().aggregate_evaluate(server_round + self.round_offset, replies)  # type: ignore[misc]
+    prescreened_round: int = -1  # a DP wrapper screened this round's replies already
+    dp_releases: int = 0  # central DP: noised aggregates released so far (the accountant state)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -150,12 +161,14 @@ class ScreenedAggregation:
                     record[k] = Array(self.global_state[k])
             kept.append(msg)
         stats.replied = len(kept)
+        note_site_epsilon(stats, [m.content[keys.METRICS] for m in kept])
         return kept
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        kept = self.screen(server_round, replies)
+        kept = (list(replies) if server_round == self.prescreened_round
+                else self.screen(server_round, replies))
         minimum = getattr(self, "min_train_nodes", 1)
         if 0 < len(kept) < minimum:  # too few valid updates: keep the global adapter
             log.warning("round %d: only %d valid update(s), fewer than min_train_nodes=%d; "
@@ -208,6 +221,13 @@ class ScreenedAggregation:
             self.residuals[prefix] = self.residuals.get(prefix, 0) + r
         metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)  # type: ignore[attr-defined]
         return _record(state), metrics
+
+
+def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
+    """Keep the largest local-DP ε the sites of a round reported."""
+    reported = [float(m[keys.SITE_EPSILON]) for m in metrics if keys.SITE_EPSILON in m]
+    if reported:
+        stats.site_epsilon = max(reported)
 
 
 def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],

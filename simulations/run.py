@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from common import keys
 from common.config import CONF_DIR, Config, ConfigError, to_json, validate
 from common.data import ManifestError, label_names, load_manifest
+from common.privacy import resolve_noise_multiplier
 from common.partition import label_counts, partition_indices, site_names
 from common.model import image_stats
 from common.task import has_skew, prepare_manifests, site_data
@@ -44,6 +45,10 @@ def prepare(cfg: Config) -> Config:
                   data=replace(cfg.data, demo_dir=str(Path(cfg.data.demo_dir).resolve())))
     train, test = prepare_manifests(cfg)
     cfg = replace(cfg, data=replace(cfg.data, train=str(train), test=str(test)))
+    cfg = resolve_noise_multiplier(cfg)  # a target ε: the noise multiplier, before any work
+    if cfg.privacy.dp not in ("none", "local") and cfg.privacy.target_epsilon > 0:
+        print(f"fedmm: noise multiplier {cfg.privacy.noise_multiplier:.4f} reaches "
+              f"ε={cfg.privacy.target_epsilon} at δ={cfg.privacy.delta}", flush=True)
     train_ds, _ = load_manifest(train)
     load_manifest(test)
     parts = partition_indices(train_ds, cfg.partition, cfg.seed)

@@ -18,12 +18,12 @@ import pytest
 
 from common.certs import write_certs
 from common.demo_data import generate, split_sites
-from deploy.processes import (BIN, flower_env, free_port, new_tag, popen_kwargs, tagged,
+from server.processes import (BIN, flower_env, free_port, new_tag, popen_kwargs, tagged,
                               teardown)
 from tests.conftest import tiny_overrides
 
 SITES = ("site-a", "site-b", "site-c")
-FEDMM = [sys.executable, "-m", "deploy.cli"]
+FEDMM = [sys.executable, "-m", "server.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 180.0  # SuperLink up, keys registered, all sites online (2 busy cores)
 RUN_TIMEOUT = 600.0

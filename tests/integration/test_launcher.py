@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.processes import tagged as _tagged
+from server.processes import tagged as _tagged
 
 ROOT = Path(__file__).resolve().parents[2]
 

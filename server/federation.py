@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import keys
-from deploy.flwr_cli import FlowerRun, register_node, submit, write_connection, write_run_config
-from deploy.processes import (BIN, DeployError, flower_env, new_tag, popen_kwargs, teardown,
+from server.flwr_cli import FlowerRun, register_node, submit, write_connection, write_run_config
+from server.processes import (BIN, DeployError, flower_env, new_tag, popen_kwargs, teardown,
                               wait_healthy)
 
 if TYPE_CHECKING:  # the run side needs torch and Hydra; the server side starts without them

@@ -1,0 +1,86 @@
+"""Local DP-SGD at a site (`privacy.dp=local`): Opacus per-sample clipping + Gaussian noise.
+
+Only the trainable tensors (LoRA A/B, the CNN and the fusion head, PEFT `modules_to_save`) get
+per-sample gradients; the frozen backbone gets no hooks. Opacus's hooks cover every trainable
+layer here (Linear, Conv2d, GroupNorm, LayerNorm); the head's missing-modality placeholders are
+bare parameters Opacus cannot differentiate per sample, so they stay frozen under DP-SGD (they
+only matter to rows without a modality, which this mode refuses: a tower that skips rows breaks
+the per-sample batch alignment). Batches are Poisson-sampled with rate q = batch_size / n, as the
+accountant (common/privacy.py) assumes; an empty batch still takes a noised step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from common.data import Encoded
+from common.model import Bundle
+from common.privacy import local_steps
+from common.train import _autocast, model_inputs, pick_device
+
+UNSUPPORTED = ("text_placeholder", "image_placeholder")  # bare nn.Parameters in the head
+
+
+@contextmanager
+def per_sample_clipping(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                        noise_multiplier: float, max_grad_norm: float,
+                        expected_batch_size: int) -> Iterator[tuple[nn.Module, DPOptimizer]]:
+    """Wrap `model` for per-sample gradients and `optimizer` for clipping + noise; undo after."""
+    frozen = [p for n, p in model.named_parameters()
+              if p.requires_grad and n.rsplit(".", 1)[-1] in UNSUPPORTED]
+    for p in frozen:
+        p.requires_grad_(False)
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                               max_grad_norm=max_grad_norm,
+                               expected_batch_size=expected_batch_size, loss_reduction="mean")
+    try:
+        yield wrapped, dp_optimizer
+    finally:
+        wrapped._close()  # remove the hooks: the cached model trains/evaluates plainly again
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def train_local_dp(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, lr: float,
+                   noise_multiplier: float, max_grad_norm: float, weight_decay: float = 0.0,
+                   seed: int = 0, device: torch.device | None = None) -> dict[str, float]:
+    """DP-SGD (AdamW on privatised gradients) for `epochs`; return loss, counts and steps."""
+    device = device or pick_device()
+    model = bundle.model.to(device).train()
+    n = len(data)
+    rate = min(1.0, batch_size / n)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and Opacus's noise draw from the global RNG
+    labels = data.labels.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    steps = local_steps(n, batch_size, epochs)
+    with per_sample_clipping(model, optimizer, noise_multiplier=noise_multiplier,
+                             max_grad_norm=max_grad_norm,
+                             expected_batch_size=batch_size) as (wrapped, dp_optimizer):
+        trainable = [p for p in params if p.requires_grad]
+        for _ in range(steps):
+            idx = torch.nonzero(torch.rand(n, generator=generator) < rate).squeeze(1)  # (b,)
+            dp_optimizer.zero_grad(set_to_none=True)
+            if len(idx) == 0:  # nobody sampled: the step is noise alone
+                for p in trainable:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=device)
+            else:
+                with _autocast(device):
+                    logits = wrapped(**model_inputs(bundle, data, idx, device))  # (b, C)
+                    loss = nn.functional.cross_entropy(logits.float(), labels[idx.to(device)])
+                loss.backward()
+                losses.append(loss.item())
+            dp_optimizer.step()
+    model.eval()
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "num_examples": n, "steps": steps, "sample_rate": rate}
