@@ -11,7 +11,7 @@ from common.config import load_config
 from common.dp_sgd import UNSUPPORTED, per_sample_clipping, train_local_dp
 from common.model import build_model
 from common.train import model_inputs
-from conftest import LABELS, random_batch, tiny_overrides
+from tests.conftest import LABELS, random_batch, tiny_overrides
 
 CPU = torch.device("cpu")
 
