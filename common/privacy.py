@@ -142,6 +142,9 @@ def check_privacy(c: Config) -> None:
                  "that skips rows breaks Opacus's per-sample gradients)", missing)
         _require(s.proximal_mu == 0, "strategy.proximal_mu", "0 with privacy.dp=local (the "
                  "proximal term is not a per-sample loss)", s.proximal_mu)
+        _require(s.absent_class_scale == 1, "strategy.absent_class_scale", "1 with "
+                 "privacy.dp=local (the site's label set is not covered by per-sample clipping)",
+                 s.absent_class_scale)
     if p.dp in CENTRAL_DP:
         why = (f"with privacy.dp={p.dp} (the DP wrappers clip and noise one uniform mean of "
                "whole-adapter updates)")

@@ -90,6 +90,8 @@ def test_secagg_mean_of_flowers_quantised_uploads_is_within_the_bound(seed):
     (["privacy.dp=server_fixed"], "privacy.noise_multiplier"),
     (["privacy.dp=gaussian"], "privacy.dp"),
     (["privacy=central_dp", "privacy.delta=0"], "privacy.delta"),
+    (["privacy=local_dp", "strategy.absent_class_scale=0"], "strategy.absent_class_scale"),
+    (["privacy=secagg", "resume=true"], "resume"),
 ])
 def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
