@@ -117,6 +117,8 @@ class StrategyConfig:
     min_available_nodes: int
     proximal_mu: float
     absent_class_scale: float  # FedRS restricted softmax: logit factor for classes a site lacks
+    modality_dropout_text: float   # chance a training row's text is hidden for one step
+    modality_dropout_image: float  # chance a training row's image is hidden (never both)
     local_epochs: int
     batch_size: int
     lr: float
@@ -259,6 +261,11 @@ def _check_ranges(c: Config, check_files: bool = True) -> None:
              "> 0 with strategy=fedprox", s.proximal_mu)
     _require(0 <= s.absent_class_scale <= 1, "strategy.absent_class_scale", "in [0, 1]",
              s.absent_class_scale)
+    for key in ("modality_dropout_text", "modality_dropout_image"):
+        _require(0 <= getattr(s, key) < 1, f"strategy.{key}", "in [0, 1)", getattr(s, key))
+    _require(s.modality_dropout_text + s.modality_dropout_image <= 1,
+             "strategy.modality_dropout_text", "+ strategy.modality_dropout_image <= 1 (a row "
+             "never loses both)", s.modality_dropout_text + s.modality_dropout_image)
     _require(s.local_epochs > 0, "strategy.local_epochs", "> 0", s.local_epochs)
     _require(s.batch_size > 0, "strategy.batch_size", "> 0", s.batch_size)
     _require(s.lr > 0, "strategy.lr", "> 0", s.lr)

@@ -145,6 +145,10 @@ def check_privacy(c: Config) -> None:
         _require(s.absent_class_scale == 1, "strategy.absent_class_scale", "1 with "
                  "privacy.dp=local (the site's label set is not covered by per-sample clipping)",
                  s.absent_class_scale)
+        hidden = s.modality_dropout_text + s.modality_dropout_image
+        _require(hidden == 0, "strategy.modality_dropout_text", "0 (and modality_dropout_image "
+                 "0) with privacy.dp=local (a tower that skips rows breaks Opacus's per-sample "
+                 "gradients)", hidden)
     if p.dp in CENTRAL_DP:
         why = (f"with privacy.dp={p.dp} (the DP wrappers clip and noise one uniform mean of "
                "whole-adapter updates)")

@@ -3,7 +3,9 @@
 `train_local` runs AdamW over the trainable tensors only (LoRA + modules_to_save), optionally with
 the FedProx proximal term mu/2 * ||w - w_global||^2 and with FedRS's restricted softmax (logits
 of classes the site does not hold scaled by `absent_class_scale`, Li & Zhan, KDD 2021), which
-keeps a site with few labels from pushing the shared head away from the others' classes;
+keeps a site with few labels from pushing the shared head away from the others' classes, and
+with modality dropout (each step hides some rows' text or image, never both, so the fusion head's
+learned placeholder stands in and the head cannot lean on the modality that is learned first);
 `evaluate` reports loss, accuracy, macro-F1.
 On CUDA both run under bf16 autocast; on CPU in float32.
 """
@@ -34,12 +36,18 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None
     yield from order.split(batch_size)
 
 
-def model_inputs(bundle: Bundle, data: Encoded, idx: torch.Tensor, device: torch.device
+def model_inputs(bundle: Bundle, data: Encoded, idx: torch.Tensor, device: torch.device,
+                 hidden: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> dict[str, torch.Tensor]:
-    """Tokenise the texts, gather the images and the modality-presence masks of one batch."""
-    has_text = data.has_text[idx]  # (B,)
+    """Tokenise the texts, gather the images and the modality-presence masks of one batch.
+
+    `hidden`: (text, image) rows (B,) to treat as missing this step (modality dropout).
+    """
+    has_text, has_image = data.has_text[idx], data.has_image[idx]  # (B,)
+    if hidden is not None:
+        has_text, has_image = has_text & ~hidden[0], has_image & ~hidden[1]
     inputs = {"pixel_values": data.pixel_values[idx].to(device),  # (B, 3, H, W)
-              "image_mask": data.has_image[idx].to(device),  # (B,)
+              "image_mask": has_image.to(device),  # (B,)
               "text_mask": has_text.to(device)}  # (B,)
     if bundle.tokenizer is not None:
         texts = [data.texts[i] if keep else "" for i, keep in zip(idx.tolist(), has_text.tolist())]
@@ -50,13 +58,28 @@ def model_inputs(bundle: Bundle, data: Encoded, idx: torch.Tensor, device: torch
     return inputs
 
 
+def modality_dropout(has_text: torch.Tensor, has_image: torch.Tensor, text_rate: float,
+                     image_rate: float, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (B,) whose text / image to hide this step.
+
+    One uniform draw per row: below `text_rate` hides the text, the next `image_rate` hides the
+    image, so no row loses both; a row whose other modality is already missing keeps what it has.
+    """
+    u = torch.rand(has_text.shape[0], generator=generator)  # (B,)
+    hide_text = (u < text_rate) & has_image
+    hide_image = (u >= text_rate) & (u < text_rate + image_rate) & has_text
+    return hide_text, hide_image
+
+
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, lr: float,
                 weight_decay: float = 0.0, proximal_mu: float = 0.0,
-                absent_class_scale: float = 1.0, seed: int = 0,
+                absent_class_scale: float = 1.0, modality_dropout_text: float = 0.0,
+                modality_dropout_image: float = 0.0, seed: int = 0,
                 device: torch.device | None = None) -> dict[str, float]:
     """Train the trainable tensors for `epochs` on `data`; return mean loss and counts."""
     device = device or pick_device()
@@ -71,8 +94,12 @@ def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, 
     losses: list[float] = []
     for _ in range(epochs):
         for idx in batches(len(data), batch_size, generator):
+            hidden = None
+            if modality_dropout_text or modality_dropout_image:  # no draw when off: same runs
+                hidden = modality_dropout(data.has_text[idx], data.has_image[idx],
+                                          modality_dropout_text, modality_dropout_image, generator)
             with _autocast(device):
-                logits = model(**model_inputs(bundle, data, idx, device)).float()  # (B, C)
+                logits = model(**model_inputs(bundle, data, idx, device, hidden)).float()  # (B, C)
                 loss = nn.functional.cross_entropy(logits * scale, labels[idx.to(device)])
             objective = loss
             if anchor:  # FedProx: pull the trainable tensors towards the global ones

@@ -38,7 +38,9 @@ def centralized(cfg: Config) -> dict[str, float]:
     pooled = _concat(_sites(cfg, bundle))
     s = cfg.strategy
     train_local(bundle, pooled, epochs=_epochs(cfg), batch_size=s.batch_size, lr=s.lr,
-                weight_decay=s.weight_decay, seed=cfg.seed, device=pick_device(cfg.device))
+                weight_decay=s.weight_decay, modality_dropout_text=s.modality_dropout_text,
+                modality_dropout_image=s.modality_dropout_image, seed=cfg.seed,
+                device=pick_device(cfg.device))
     result = evaluate(bundle, load_test_split(bundle, str(cfg.data.test)))
     return {"centralized_accuracy": result["accuracy"], "centralized_macro_f1": result["macro_f1"]}
 
@@ -53,7 +55,9 @@ def local(cfg: Config) -> dict[str, float]:
         bundle = build_model(cfg.model, labels)  # every site starts from the same backbone
         train_local(bundle, data, epochs=s.rounds * s.local_epochs, batch_size=s.batch_size,
                     lr=s.lr, weight_decay=s.weight_decay,
-                    absent_class_scale=s.absent_class_scale, seed=cfg.seed * 1000 + i,
+                    absent_class_scale=s.absent_class_scale,
+                    modality_dropout_text=s.modality_dropout_text,
+                    modality_dropout_image=s.modality_dropout_image, seed=cfg.seed * 1000 + i,
                     device=pick_device(cfg.device))
         accuracies.append(evaluate(bundle, test)["accuracy"])
     return {"local_mean_accuracy": float(np.mean(accuracies)),

@@ -26,6 +26,11 @@ def test_manifest_data_option_composes_with_paths(tmp_path):
     assert cfg.data.source == "manifest" and cfg.data.train == str(train)
 
 
+def test_modality_dropout_that_could_hide_both_modalities_is_refused():
+    with pytest.raises(ConfigError, match="^strategy.modality_dropout_text"):
+        load_config(["strategy.modality_dropout_text=0.6", "strategy.modality_dropout_image=0.6"])
+
+
 def test_fedprox_option_sets_a_positive_mu():
     cfg = load_config(["strategy=fedprox"])
     assert cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu > 0
@@ -43,6 +48,8 @@ def test_fedprox_option_sets_a_positive_mu():
     ("model.modalities=[audio]", "model.modalities"),
     ("device=tpu", "device"),
     ("model.lora.r=eight", "model.lora.r"),
+    ("strategy.modality_dropout_text=1.0", "strategy.modality_dropout_text"),
+    ("strategy.modality_dropout_image=-0.1", "strategy.modality_dropout_image"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -91,6 +91,7 @@ def test_secagg_mean_of_flowers_quantised_uploads_is_within_the_bound(seed):
     (["privacy.dp=gaussian"], "privacy.dp"),
     (["privacy=central_dp", "privacy.delta=0"], "privacy.delta"),
     (["privacy=local_dp", "strategy.absent_class_scale=0"], "strategy.absent_class_scale"),
+    (["privacy=local_dp", "strategy.modality_dropout_text=0.5"], "strategy.modality_dropout_text"),
     (["privacy=secagg", "resume=true"], "resume"),
 ])
 def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(overrides, key):

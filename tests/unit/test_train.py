@@ -9,7 +9,8 @@ from sklearn.metrics import f1_score
 
 from common.config import load_config
 from common.model import build_model
-from common.train import evaluate, macro_f1, restricted_softmax_scale, train_local
+from common.train import (evaluate, macro_f1, modality_dropout, model_inputs,
+                          restricted_softmax_scale, train_local)
 from tests.conftest import LABELS, random_batch, tiny_overrides
 
 
@@ -66,3 +67,34 @@ def test_restricted_softmax_leaves_absent_classes_alone(tiny_text_dir, scale, ab
 def test_restricted_softmax_scale():
     scale = restricted_softmax_scale(torch.tensor([0, 3, 3]), 5, 0.25)
     assert scale.tolist() == [1.0, 0.25, 0.25, 1.0, 0.25]
+
+
+def test_modality_dropout_hides_at_the_configured_rates_and_never_a_rows_last_modality():
+    n, text_rate, image_rate = 40_000, 0.3, 0.2
+    has_text, has_image = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+    has_image[:1000] = False  # rows already missing a modality keep the other one
+    has_text[1000:2000] = False
+    hide_text, hide_image = modality_dropout(has_text, has_image, text_rate, image_rate,
+                                             torch.Generator().manual_seed(0))
+    full = slice(2000, None)
+    for hidden, rate in ((hide_text[full], text_rate), (hide_image[full], image_rate)):
+        sigma = (rate * (1 - rate) / hidden.numel()) ** 0.5
+        assert abs(hidden.float().mean().item() - rate) < 4 * sigma
+    assert not (hide_text & hide_image).any()
+    assert not hide_text[:1000].any() and not hide_image[1000:2000].any()
+
+
+def test_hidden_text_never_reaches_the_text_tower(tiny_text_dir):
+    cfg = load_config(tiny_overrides(tiny_text_dir))
+    bundle = build_model(cfg.model, LABELS)
+    data = random_batch(64)
+    hidden = (torch.arange(8) % 2 == 0, torch.zeros(8, dtype=torch.bool))
+    inputs = model_inputs(bundle, data, torch.arange(8), torch.device("cpu"), hidden)
+    assert inputs["text_mask"].tolist() == [False, True] * 4 and inputs["image_mask"].all()
+    rows = []
+    text_tower = bundle.model.base_model.model.text_encoder
+    handle = text_tower.register_forward_hook(lambda m, args, kw, out: rows.append(
+        kw["input_ids"].shape[0]), with_kwargs=True)
+    train_local(bundle, data, epochs=1, batch_size=8, lr=1e-2, modality_dropout_text=0.5)
+    handle.remove()
+    assert 16 < sum(rows) < 48  # about half of the 64 rows; the image tower saw all of them
