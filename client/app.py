@@ -117,6 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         absent_class_scale=float(round_cfg.get(keys.ABSENT_CLASS_SCALE, 1.0)),
         modality_dropout_text=float(round_cfg.get(keys.MODALITY_DROPOUT_TEXT, 0.0)),
         modality_dropout_image=float(round_cfg.get(keys.MODALITY_DROPOUT_IMAGE, 0.0)),
+        max_grad_norm=float(round_cfg.get(keys.MAX_GRAD_NORM, 0.0)),
         seed=cfg.seed * 100_003 + server_round * 1_009 + _site_number(context),
         device=site.device)
     metrics = (local_dp_train(cfg, context, train_kwargs) if cfg.privacy.dp == "local"

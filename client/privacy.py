@@ -83,9 +83,9 @@ def local_dp_train(cfg: Config, context: Context, train_kwargs: dict) -> dict:
     if p.target_epsilon > 0:  # reach the target after every round's steps at this site
         z = local_noise_multiplier(p.target_epsilon, len(data), train_kwargs["batch_size"],
                                    train_kwargs["epochs"], s.rounds, p.delta)
-    kwargs = {k: v for k, v in train_kwargs.items()  # all refused with local DP (config)
+    kwargs = {k: v for k, v in train_kwargs.items()  # refused with local DP (config), or
               if k not in ("proximal_mu", "absent_class_scale", "modality_dropout_text",
-                           "modality_dropout_image")}
+                           "modality_dropout_image", "max_grad_norm")}  # clipped per sample
     metrics = train_local_dp(**kwargs, noise_multiplier=z, max_grad_norm=p.clipping_norm)
     state = context.state.metric_records.get(LOCAL_DP_STATE, MetricRecord({"steps": 0}))
     steps = int(state["steps"]) + int(metrics["steps"])

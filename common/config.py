@@ -119,6 +119,7 @@ class StrategyConfig:
     absent_class_scale: float  # FedRS restricted softmax: logit factor for classes a site lacks
     modality_dropout_text: float   # chance a training row's text is hidden for one step
     modality_dropout_image: float  # chance a training row's image is hidden (never both)
+    max_grad_norm: float     # clip each step's gradient to this global norm (0: no clipping)
     local_epochs: int
     batch_size: int
     lr: float
@@ -266,6 +267,7 @@ def _check_ranges(c: Config, check_files: bool = True) -> None:
     _require(s.modality_dropout_text + s.modality_dropout_image <= 1,
              "strategy.modality_dropout_text", "+ strategy.modality_dropout_image <= 1 (a row "
              "never loses both)", s.modality_dropout_text + s.modality_dropout_image)
+    _require(s.max_grad_norm >= 0, "strategy.max_grad_norm", ">= 0", s.max_grad_norm)
     _require(s.local_epochs > 0, "strategy.local_epochs", "> 0", s.local_epochs)
     _require(s.batch_size > 0, "strategy.batch_size", "> 0", s.batch_size)
     _require(s.lr > 0, "strategy.lr", "> 0", s.lr)

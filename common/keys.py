@@ -23,6 +23,7 @@ LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
 BATCH_SIZE = "batch-size"
 WEIGHT_DECAY = "weight-decay"
+MAX_GRAD_NORM = "max-grad-norm"
 LABEL_NAMES = "label-names"        # the global label set, in class-index order
 TRAIN_MANIFEST = "train-manifest"  # simulation: the manifest that partitions are cut from
 

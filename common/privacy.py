@@ -149,6 +149,8 @@ def check_privacy(c: Config) -> None:
         _require(hidden == 0, "strategy.modality_dropout_text", "0 (and modality_dropout_image "
                  "0) with privacy.dp=local (a tower that skips rows breaks Opacus's per-sample "
                  "gradients)", hidden)
+        _require(s.max_grad_norm == 0, "strategy.max_grad_norm", "0 with privacy.dp=local "
+                 "(DP-SGD clips each sample to privacy.clipping_norm)", s.max_grad_norm)
     if p.dp in CENTRAL_DP:
         why = (f"with privacy.dp={p.dp} (the DP wrappers clip and noise one uniform mean of "
                "whole-adapter updates)")

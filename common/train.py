@@ -79,7 +79,7 @@ def _autocast(device: torch.device):
 def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, lr: float,
                 weight_decay: float = 0.0, proximal_mu: float = 0.0,
                 absent_class_scale: float = 1.0, modality_dropout_text: float = 0.0,
-                modality_dropout_image: float = 0.0, seed: int = 0,
+                modality_dropout_image: float = 0.0, max_grad_norm: float = 0.0, seed: int = 0,
                 device: torch.device | None = None) -> dict[str, float]:
     """Train the trainable tensors for `epochs` on `data`; return mean loss and counts."""
     device = device or pick_device()
@@ -107,6 +107,8 @@ def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, 
                     (p - a).pow(2).sum() for p, a in zip(params, anchor))
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
+            if max_grad_norm > 0:  # as HF Trainer's max_grad_norm: one norm over all tensors
+                nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
     model.eval()

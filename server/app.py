@@ -39,6 +39,7 @@ def round_config(cfg: Config, labels: list[str], train_manifest: Path) -> Config
                            keys.ABSENT_CLASS_SCALE: s.absent_class_scale,
                            keys.MODALITY_DROPOUT_TEXT: s.modality_dropout_text,
                            keys.MODALITY_DROPOUT_IMAGE: s.modality_dropout_image,
+                           keys.MAX_GRAD_NORM: s.max_grad_norm,
                            keys.LABEL_NAMES: labels, keys.TRAIN_MANIFEST: str(train_manifest),
                            keys.FREEZE_LORA_A: s.lora_aggregation == "ffa"})
     if s.proximal_mu > 0:  # the FedProx term composes with every server-side strategy

@@ -39,7 +39,8 @@ def centralized(cfg: Config) -> dict[str, float]:
     s = cfg.strategy
     train_local(bundle, pooled, epochs=_epochs(cfg), batch_size=s.batch_size, lr=s.lr,
                 weight_decay=s.weight_decay, modality_dropout_text=s.modality_dropout_text,
-                modality_dropout_image=s.modality_dropout_image, seed=cfg.seed,
+                modality_dropout_image=s.modality_dropout_image,
+                max_grad_norm=s.max_grad_norm, seed=cfg.seed,
                 device=pick_device(cfg.device))
     result = evaluate(bundle, load_test_split(bundle, str(cfg.data.test)))
     return {"centralized_accuracy": result["accuracy"], "centralized_macro_f1": result["macro_f1"]}
@@ -57,7 +58,8 @@ def local(cfg: Config) -> dict[str, float]:
                     lr=s.lr, weight_decay=s.weight_decay,
                     absent_class_scale=s.absent_class_scale,
                     modality_dropout_text=s.modality_dropout_text,
-                    modality_dropout_image=s.modality_dropout_image, seed=cfg.seed * 1000 + i,
+                    modality_dropout_image=s.modality_dropout_image,
+                    max_grad_norm=s.max_grad_norm, seed=cfg.seed * 1000 + i,
                     device=pick_device(cfg.device))
         accuracies.append(evaluate(bundle, test)["accuracy"])
     return {"local_mean_accuracy": float(np.mean(accuracies)),

@@ -92,6 +92,7 @@ def test_secagg_mean_of_flowers_quantised_uploads_is_within_the_bound(seed):
     (["privacy=central_dp", "privacy.delta=0"], "privacy.delta"),
     (["privacy=local_dp", "strategy.absent_class_scale=0"], "strategy.absent_class_scale"),
     (["privacy=local_dp", "strategy.modality_dropout_text=0.5"], "strategy.modality_dropout_text"),
+    (["privacy=local_dp", "strategy.max_grad_norm=1"], "strategy.max_grad_norm"),
     (["privacy=secagg", "resume=true"], "resume"),
 ])
 def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(overrides, key):

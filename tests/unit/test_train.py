@@ -98,3 +98,19 @@ def test_hidden_text_never_reaches_the_text_tower(tiny_text_dir):
     train_local(bundle, data, epochs=1, batch_size=8, lr=1e-2, modality_dropout_text=0.5)
     handle.remove()
     assert 16 < sum(rows) < 48  # about half of the 64 rows; the image tower saw all of them
+
+
+def _trainable_shift(tiny_text_dir, **kwargs) -> float:
+    cfg = load_config(tiny_overrides(tiny_text_dir))
+    bundle = build_model(cfg.model, LABELS)
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    train_local(bundle, random_batch(16), epochs=1, batch_size=8, lr=1e-2, **kwargs)
+    return sum((p.detach() - b).norm().item() for p, b in zip(params, before))
+
+
+def test_max_grad_norm_clips_every_step(tiny_text_dir):
+    # AdamW divides by sqrt(v) + 1e-8: a gradient clipped to norm 1e-12 moves almost nothing.
+    free = _trainable_shift(tiny_text_dir)
+    clipped = _trainable_shift(tiny_text_dir, max_grad_norm=1e-12)
+    assert clipped < 0.01 * free
