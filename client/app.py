@@ -129,6 +129,8 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({
         keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
+                                    keys.NUM_IMAGE_EXAMPLES: int(site.train.has_image.sum()),
+                                    keys.NUM_TEXT_EXAMPLES: int(site.train.has_text.sum()),
                                     keys.TRAIN_LOSS: metrics["train_loss"],
                                     **{k: metrics[k] for k in (keys.SITE_EPSILON,
                                                                keys.LOCAL_DP_NOISE)

@@ -125,6 +125,7 @@ class StrategyConfig:
     lr: float
     weight_decay: float
     lora_aggregation: str
+    modality_weighting: bool  # fedavg/fedprox: each tower averaged over rows with its modality
     server_lr: float         # fedadam / fedyogi (eta), fedavgm (server learning rate)
     server_momentum: float   # fedavgm
     trim_fraction: float     # fedtrimmedavg: cut this fraction from each end

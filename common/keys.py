@@ -29,6 +29,8 @@ TRAIN_MANIFEST = "train-manifest"  # simulation: the manifest that partitions ar
 
 # Metrics (client -> server)
 NUM_EXAMPLES = "num-examples"      # Flower's default weighting key
+NUM_IMAGE_EXAMPLES = "num-image-examples"  # training rows with an image (weights the vision tower)
+NUM_TEXT_EXAMPLES = "num-text-examples"    # training rows with text (weights the text tower)
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"

@@ -98,6 +98,34 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float] | np.nd
     return acc.astype(np.float32)
 
 
+TOWER_MODALITIES = {"vision_encoder": "image", "text_encoder": "text"}  # module -> its input
+
+
+def tower_modality(key: str) -> str | None:
+    """The modality whose rows train tensor `key` (None: every row does, e.g. the fusion head)."""
+    for tower, modality in TOWER_MODALITIES.items():
+        if key.startswith(f"{tower}.") or f".{tower}." in key:
+            return modality
+    return None
+
+
+def reweight_towers(mean: State, states: Sequence[State], counts: dict[str, np.ndarray]
+                    ) -> State:
+    """Average each tower's tensors over the rows that hold its modality.
+
+    `mean` is the example-weighted mean of `states`; `counts[m]` (K,) holds each site's rows
+    with modality m. A site without images trained its vision tower on nothing, so it must not
+    pull that tower back towards the old global value. Tensors of a modality that is absent
+    from `counts` or that no site holds keep their value in `mean`.
+    """
+    out = dict(mean)
+    for key in mean:
+        c = counts.get(tower_modality(key) or "")
+        if c is not None and c.sum() > 0:
+            out[key] = weighted_mean([s[key] for s in states], c)
+    return out
+
+
 def delta_w(state: State, prefix: str, scaling: float) -> np.ndarray:
     """Return the layer's update s · B @ A, (out, in), in float64."""
     a_key, b_key = prefix + A_SUFFIX, prefix + B_SUFFIX

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import keys
 from common.adapter import adapter_state
-from common.config import Config, from_run_config
+from common.config import CENTRAL_DP, Config, from_run_config
 from common.model import Bundle
 from common.privacy import num_sampled_sites, resolve_noise_multiplier
 from common.task import cached_bundle, load_test_split, manifest_labels, prepare_manifests
@@ -57,6 +57,8 @@ def main(grid: Grid, context: Context) -> None:
     bundle = cached_bundle(cfg.model, labels)
     initial = ArrayRecord(adapter_state(bundle.model))
     strategy = make_strategy(cfg.strategy, initial, cfg.model.lora.alpha)
+    if cfg.privacy.dp in CENTRAL_DP:  # the DP wrappers weigh every reply alike
+        strategy.modality_weighting = False
     done = resume(cfg, bundle, strategy) if cfg.resume else 0
     if done:
         initial = ArrayRecord(adapter_state(bundle.model))

@@ -29,7 +29,8 @@ from common import keys
 from common.adapter import rejection_reason
 from common.config import MEAN_STRATEGIES, StrategyConfig
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, delta_w, lora_pairs,
-                              norm_bounded_mean, pair_rank_problem, refactor, update_norm)
+                              norm_bounded_mean, pair_rank_problem, refactor, reweight_towers,
+                              update_norm)
 
 log = logging.getLogger("fedmm.server")
 
@@ -77,6 +78,7 @@ class ScreenedAggregation:
     lora_alpha: float = 1.0
     lora_rank: int = 1
     rank_flexible: bool = False  # mean + naive: sites may train LoRA of their own rank
+    modality_weighting: bool = False  # mean: each tower averaged over rows with its modality
     max_update_norm: float = 0.0
     node_ranks: dict[int, int]  # learned from replies
     global_delta: dict[str, np.ndarray]  # heterogeneous ranks: dense aggregated ΔW per layer
@@ -184,12 +186,28 @@ class ScreenedAggregation:
             arrays, metrics = self.aggregate_ranks(kept)
         else:
             arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+            if arrays is not None and self.modality_weighting:
+                arrays = self.weight_towers_by_modality(arrays, kept)
         if arrays is not None and self.lora_mode == "ffa":  # A stays frozen, bit for bit
             for k in self.reference.keys() - self.expected_keys().keys():
                 arrays[k] = Array(self.global_state[k])
         if metrics is not None and keys.TRAIN_LOSS in metrics:
             self.round_stats[server_round].train_loss = float(metrics[keys.TRAIN_LOSS])
         return arrays, metrics
+
+    def weight_towers_by_modality(self, arrays: ArrayRecord, kept: list[Message]) -> ArrayRecord:
+        """Re-average each tower over the sites' rows that hold its modality (FedAvg per tower)."""
+        metrics = [m.content[keys.METRICS] for m in kept]
+        totals = np.array([float(m[keys.NUM_EXAMPLES]) for m in metrics])
+        counts = {}
+        for modality, key in (("image", keys.NUM_IMAGE_EXAMPLES), ("text", keys.NUM_TEXT_EXAMPLES)):
+            c = np.array([float(m.get(key, m[keys.NUM_EXAMPLES])) for m in metrics])
+            if not np.array_equal(c, totals):  # else every row has it: the mean already is that
+                counts[modality] = c
+        if not counts:
+            return arrays
+        states = [_numpy(m.content[keys.ARRAYS]) for m in kept]
+        return _record(reweight_towers(_numpy(arrays), states, counts))
 
     def _rank(self, msg: Message) -> int:
         a_key = next((k for k in msg.content[keys.ARRAYS] if ".lora_A." in k), None)
@@ -242,8 +260,12 @@ def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
     try:
         update = _numpy(content[keys.ARRAYS])
         num_examples = float(metrics.get(keys.NUM_EXAMPLES, 0))
+        with_modality = [float(metrics.get(k, 0)) for k in (keys.NUM_IMAGE_EXAMPLES,
+                                                            keys.NUM_TEXT_EXAMPLES)]
     except (ValueError, TypeError) as err:
         return f"reply cannot be decoded: {err}"
+    if not all(0 <= c <= num_examples for c in with_modality):  # NaN fails too
+        return (f"modality counts {with_modality} outside [0, num-examples={num_examples:g}]")
     if rank_flexible:
         problem = pair_rank_problem(update, expected)
         if problem:
@@ -311,5 +333,6 @@ def make_strategy(cfg: StrategyConfig, initial: ArrayRecord, lora_alpha: float =
     strategy.lora_rank = strategy.reference[a_key][0] if a_key else 1
     strategy.lora_mode, strategy.lora_alpha = cfg.lora_aggregation, lora_alpha
     strategy.rank_flexible = cfg.name in MEAN_STRATEGIES and cfg.lora_aggregation == "naive"
+    strategy.modality_weighting = cfg.modality_weighting and cfg.name in MEAN_STRATEGIES
     strategy.max_update_norm, strategy.norm_bound = cfg.max_update_norm, cfg.norm_bound
     return strategy

@@ -80,3 +80,33 @@ def test_round_is_skipped_when_fewer_valid_updates_than_the_minimum_remain():
                                              _reply(bad, 5)])
     assert arrays is None  # two valid < three required: nothing replaces the global adapter
     assert strategy.round_stats[1].rejected == 1 and strategy.round_stats[1].replied == 0
+
+
+TOWERS = {"base_model.model.vision_encoder.conv": (2, 2), "base_model.model.text_encoder.q": (3,),
+          "base_model.model.head.w": (3,)}
+
+
+def _tower_reply(arrays, num_examples, images, texts) -> Message:
+    msg = _reply(arrays, num_examples)
+    msg.content[keys.METRICS][keys.NUM_IMAGE_EXAMPLES] = images
+    msg.content[keys.METRICS][keys.NUM_TEXT_EXAMPLES] = texts
+    return msg
+
+
+@pytest.mark.parametrize("weighting", [True, False])
+def test_each_tower_is_averaged_over_the_rows_holding_its_modality(weighting):
+    rng = np.random.default_rng(3)
+    draw = lambda: {k: rng.normal(size=s).astype(np.float32) for k, s in TOWERS.items()}  # noqa: E731
+    initial = ArrayRecord({k: Array(v) for k, v in draw().items()})
+    strategy = make_strategy(_cfg(modality_weighting=weighting), initial)
+    sites = [(draw(), 10, 10, 10), (draw(), 30, 0, 30), (draw(), 60, 60, 30)]  # site 1: no images
+    bad_counts = [(draw(), 20, 21, 20), (draw(), 20, 20, float("nan"))]
+    arrays, _ = strategy.aggregate_train(1, [_tower_reply(*s) for s in sites + bad_counts])
+    assert strategy.round_stats[1].rejected == 2
+    assert any("modality counts" in r for r in strategy.round_stats[1].reasons)
+    column = {"vision_encoder": 2, "text_encoder": 3, "head": 1} if weighting else {}
+    for key in TOWERS:
+        tower = key.split(".")[2]
+        weights = [s[column.get(tower, 1)] for s in sites]
+        expected = np.average(np.stack([s[0][key] for s in sites]), axis=0, weights=weights)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
