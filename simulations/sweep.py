@@ -22,28 +22,35 @@ COLUMNS = ("run", "final_accuracy", "best_accuracy", "final_macro_f1", "rounds_t
            "bytes_uploaded", "wall_time_s")
 
 
-def _run_name(run_dir: Path) -> str:
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    if overrides.is_file():
-        import yaml
+def _overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    import yaml
 
-        items = [o for o in yaml.safe_load(overrides.read_text()) or []
-                 if not o.startswith(("output_dir=", "hydra."))]
-        if items:
-            return " ".join(items)
-    return run_dir.name
+    return [o for o in yaml.safe_load(path.read_text()) or []
+            if not o.startswith(("output_dir=", "hydra."))]
+
+
+def _run_names(run_dirs: list[Path]) -> list[str]:
+    """Name each run by the overrides that tell it apart (those shared by all runs are left out)."""
+    overrides = [_overrides(d) for d in run_dirs]
+    shared = set.intersection(*map(set, overrides)) if len(overrides) > 1 else set()
+    names = [" ".join(o for o in items if o not in shared) for items in overrides]
+    return [name or d.name for name, d in zip(names, run_dirs)]
 
 
 def collect(sweep_dir: Path, target_accuracy: float) -> list[dict[str, Any]]:
     """One row per finished run below `sweep_dir` (a run folder holding summary.json)."""
     rows = []
-    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
-        run_dir = summary_path.parent
+    run_dirs = [p.parent for p in sorted(sweep_dir.glob("*/summary.json"))]
+    for run_dir, name in zip(run_dirs, _run_names(run_dirs)):
+        summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         reached = [r["round"] for r in rounds if r["round"] > 0
                    and r["test_accuracy"] >= target_accuracy]
-        rows.append({"run": _run_name(run_dir), "dir": run_dir,
+        rows.append({"run": name, "dir": run_dir,
                      "final_accuracy": summary["test_accuracy"],
                      "best_accuracy": max(r["test_accuracy"] for r in rounds),
                      "final_macro_f1": summary["test_macro_f1"],
@@ -82,6 +89,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
@@ -89,6 +97,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.plot(rounds, accuracy, marker="o", label=row["run"])
     ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1.02),
            title="Global model test accuracy per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -22,12 +22,13 @@ def _fake_run(root, name, accuracies, overrides):
 
 
 def test_table_and_plot_report_each_run(tmp_path):
-    _fake_run(tmp_path, "0", [0.2, 0.5, 0.95, 0.93], ["strategy=fedavg", "output_dir=/x"])
-    _fake_run(tmp_path, "1", [0.2, 0.4, 0.6, 0.7], ["strategy=fedprox"])
+    _fake_run(tmp_path, "0", [0.2, 0.5, 0.95, 0.93],
+              ["strategy=fedavg", "strategy.rounds=3", "output_dir=/x"])
+    _fake_run(tmp_path, "1", [0.2, 0.4, 0.6, 0.7], ["strategy=fedprox", "strategy.rounds=3"])
     paths = write_comparison(tmp_path, target_accuracy=0.9)
     assert [p.name for p in paths] == ["comparison.csv", "comparison.md", "accuracy.png"]
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
-    assert [r["run"] for r in rows] == ["strategy=fedavg", "strategy=fedprox"]
+    assert [r["run"] for r in rows] == ["strategy=fedavg", "strategy=fedprox"]  # shared left out
     assert float(rows[0]["best_accuracy"]) == 0.95 and float(rows[0]["final_accuracy"]) == 0.93
     assert rows[0]["rounds_to_target"] == "2" and rows[1]["rounds_to_target"] == ""
     md = (tmp_path / "comparison.md").read_text()
