@@ -24,9 +24,9 @@ from flwr.common import (Code, FitRes, Status, ndarrays_to_parameters,
 from flwr.compat.common import recorddict_compat as compat
 
 from common import keys
-from common.config import Config
 from common.dp_sgd import train_local_dp
 from common.privacy import epsilon, local_noise_multiplier
+from client.site import Site, run_config
 
 log = logging.getLogger("fedmm.client")
 LOCAL_DP_STATE = "fedmm.local-dp"  # this site's DP-SGD steps so far (its accountant state)
@@ -34,8 +34,6 @@ LOCAL_DP_STATE = "fedmm.local-dp"  # this site's DP-SGD steps so far (its accoun
 
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Route a train message through the mods the run's privacy config asks for."""
-    from client.app import run_config  # client.app registers this mod
-
     p = run_config(context).privacy
     if p.secagg:
         return secaggplus_mod(msg, context,
@@ -75,18 +73,16 @@ def _legacy_io(msg: Message, context: Context, call_next: ClientAppCallable,
     return reply
 
 
-def local_dp_train(cfg: Config, context: Context, train_kwargs: dict) -> dict:
+def local_dp_train(site: Site, context: Context) -> dict:
     """DP-SGD on this site's data; return train metrics plus this site's cumulative ε and z."""
-    p, s = cfg.privacy, cfg.strategy
-    data = train_kwargs["data"]
+    cfg = site.cfg
+    p, train = cfg.privacy, cfg.train
     z = p.noise_multiplier
     if p.target_epsilon > 0:  # reach the target after every round's steps at this site
-        z = local_noise_multiplier(p.target_epsilon, len(data), train_kwargs["batch_size"],
-                                   train_kwargs["epochs"], s.rounds, p.delta)
-    kwargs = {k: v for k, v in train_kwargs.items()  # refused with local DP (config), or
-              if k not in ("proximal_mu", "absent_class_scale", "modality_dropout_text",
-                           "modality_dropout_image", "max_grad_norm")}  # clipped per sample
-    metrics = train_local_dp(**kwargs, noise_multiplier=z, max_grad_norm=p.clipping_norm)
+        z = local_noise_multiplier(p.target_epsilon, len(site.train), train.batch_size,
+                                   train.epochs, cfg.strategy.rounds, p.delta)
+    metrics = train_local_dp(site.bundle, site.train, train, noise_multiplier=z,
+                             max_grad_norm=p.clipping_norm, seed=site.seed, device=site.device)
     state = context.state.metric_records.get(LOCAL_DP_STATE, MetricRecord({"steps": 0}))
     steps = int(state["steps"]) + int(metrics["steps"])
     context.state.metric_records[LOCAL_DP_STATE] = MetricRecord({"steps": steps})

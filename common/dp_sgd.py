@@ -23,7 +23,8 @@ from torch import nn
 from common.data import Encoded
 from common.model import Bundle
 from common.privacy import local_steps
-from common.train import _autocast, model_inputs, pick_device
+from common.schema import TrainConfig
+from common.train import _autocast, loss_fn, model_inputs, pick_device
 
 UNSUPPORTED = ("text_placeholder", "image_placeholder")  # bare nn.Parameters in the head
 
@@ -49,10 +50,15 @@ def per_sample_clipping(model: nn.Module, optimizer: torch.optim.Optimizer, *,
             p.requires_grad_(True)
 
 
-def train_local_dp(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, lr: float,
-                   noise_multiplier: float, max_grad_norm: float, weight_decay: float = 0.0,
-                   seed: int = 0, device: torch.device | None = None) -> dict[str, float]:
-    """DP-SGD (AdamW on privatised gradients) for `epochs`; return loss, counts and steps."""
+def train_local_dp(bundle: Bundle, data: Encoded, train: TrainConfig, *,
+                   noise_multiplier: float, max_grad_norm: float, seed: int = 0,
+                   device: torch.device | None = None) -> dict[str, float]:
+    """DP-SGD (AdamW on privatised gradients) for `train.epochs`; return loss, counts, steps.
+
+    The options DP-SGD cannot honour per sample are refused by the config rules
+    (common/rules.py); `max_grad_norm` here is the per-sample clipping norm.
+    """
+    batch_size = train.batch_size
     device = device or pick_device()
     model = bundle.model.to(device).train()
     n = len(data)
@@ -61,9 +67,9 @@ def train_local_dp(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: in
     torch.manual_seed(seed)  # dropout and Opacus's noise draw from the global RNG
     labels = data.labels.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     losses: list[float] = []
-    steps = local_steps(n, batch_size, epochs)
+    steps = local_steps(n, batch_size, train.epochs)
     with per_sample_clipping(model, optimizer, noise_multiplier=noise_multiplier,
                              max_grad_norm=max_grad_norm,
                              expected_batch_size=batch_size) as (wrapped, dp_optimizer):
@@ -77,7 +83,7 @@ def train_local_dp(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: in
             else:
                 with _autocast(device):
                     logits = wrapped(**model_inputs(bundle, data, idx, device))  # (b, C)
-                    loss = nn.functional.cross_entropy(logits.float(), labels[idx.to(device)])
+                    loss = loss_fn(logits.float(), labels[idx.to(device)], train)
                 loss.backward()
                 losses.append(loss.item())
             dp_optimizer.step()

@@ -18,11 +18,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from common.config import ConfigError, ModelConfig, from_json
+from common.config import ConfigError, ModelConfig, build, from_json
 from common.data import ManifestError, _read_rows, encode, load_manifest
 from common.model import Bundle, build_backbone, image_stats, load_adapter, read_label_names
 from common.train import evaluate, pick_device, predict
@@ -41,8 +40,7 @@ def model_config_for(adapter_dir: Path) -> ModelConfig:
 
 
 def _model_config(path: Path) -> ModelConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), json.loads(path.read_text()))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    return build(ModelConfig, json.loads(path.read_text()), "model.")
 
 
 def load_for_inference(adapter_dir: str | Path) -> Bundle:

@@ -145,24 +145,6 @@ def aggregate_naive(states: Sequence[State], weights: Sequence[float]) -> State:
     return {k: weighted_mean([s[k] for s in states], weights) for k in keys}
 
 
-def aggregate_ffa(states: Sequence[State], weights: Sequence[float], frozen_a: State) -> State:
-    """Average B and other keys; take A from `frozen_a` unchanged (FFA-LoRA, exact)."""
-    if not frozen_a or any(not k.endswith(A_SUFFIX) for k in frozen_a):
-        raise ValueError(f"frozen_a must hold only (and some) {A_SUFFIX} keys")
-    for i, s in enumerate(states):
-        for k in (k for k in s if k.endswith(A_SUFFIX)):
-            if k not in frozen_a:
-                raise ValueError(f"client {i} has A key {k} that is not in frozen_a")
-            if not np.array_equal(s[k], frozen_a[k]):
-                raise ValueError(f"client {i} {k} differs from frozen_a: was A trained?")
-        lora_pairs({**frozen_a, **s})  # every B has its frozen A and vice versa
-    keys = _check_keys(states, ignore=A_SUFFIX)
-    _check_shapes(states, keys)
-    out = {k: weighted_mean([s[k] for s in states], weights) for k in keys}
-    out.update({k: a.copy() for k, a in frozen_a.items()})
-    return {k: out[k] for k in sorted(out)}
-
-
 def aggregate_exact(
     states: Sequence[State], weights: Sequence[float], scaling: float
 ) -> tuple[State, dict[str, np.ndarray]]:

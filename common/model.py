@@ -24,7 +24,8 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from common.config import EMBEDDED_TEXT_ENCODER, ModelConfig
+from common.adapter import apply_base_residuals
+from common.schema import EMBEDDED_TEXT_ENCODER, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time by default
 hf_logging.set_verbosity_error()
@@ -237,14 +238,30 @@ def lora_config(cfg: ModelConfig, extras: dict) -> LoraConfig:
                       modules_to_save=extras["modules_to_save"], bias="none")
 
 
-def build_model(cfg: ModelConfig, label_names: list[str]) -> Bundle:
-    """Build the backbone and inject a fresh LoRA adapter with PEFT."""
+def assemble(cfg: ModelConfig, label_names: list[str], adapter_dir: str | Path | None = None
+             ) -> Bundle:
+    """Build the backbone and put LoRA on it with PEFT: a fresh adapter, or the one saved in
+    `adapter_dir` (`PeftModel.from_pretrained`, plus its exact-aggregation residuals)."""
     backbone, extras = build_backbone(cfg, len(label_names))
-    # An image-only CNN ablation has no pretrained tower: nothing for LoRA, everything trains.
-    model = get_peft_model(backbone, lora_config(cfg, extras)) if extras["targets"] else backbone
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(backbone, str(adapter_dir))
+        residuals = Path(adapter_dir) / RESIDUALS_FILE
+        if residuals.is_file():
+            from safetensors.numpy import load_file
+
+            apply_base_residuals(model, load_file(residuals))
+    elif extras["targets"]:
+        model = get_peft_model(backbone, lora_config(cfg, extras))
+    else:  # an image-only CNN ablation has no pretrained tower: nothing for LoRA, all trains
+        model = backbone
     mean, std = image_stats(cfg)
     return Bundle(model, extras["tokenizer"], list(label_names), cfg.vision.image_size,
                   mean, std, cfg.text.max_length)  # type: ignore[arg-type]
+
+
+def build_model(cfg: ModelConfig, label_names: list[str]) -> Bundle:
+    """The model with a fresh LoRA adapter."""
+    return assemble(cfg, label_names)
 
 
 def save_adapter(bundle: Bundle, out_dir: str | Path, residuals: dict | None = None) -> Path:
@@ -277,19 +294,8 @@ def read_label_names(adapter_dir: str | Path) -> list[str]:
 
 
 def load_adapter(cfg: ModelConfig, adapter_dir: str | Path) -> Bundle:
-    """Build a fresh backbone and load a saved adapter onto it with `PeftModel.from_pretrained`."""
-    names = read_label_names(adapter_dir)
-    backbone, extras = build_backbone(cfg, len(names))
-    model = PeftModel.from_pretrained(backbone, str(adapter_dir))
-    if (Path(adapter_dir) / RESIDUALS_FILE).is_file():
-        from safetensors.numpy import load_file
-
-        from common.adapter import apply_base_residuals
-
-        apply_base_residuals(model, load_file(Path(adapter_dir) / RESIDUALS_FILE))
-    mean, std = image_stats(cfg)
-    return Bundle(model, extras["tokenizer"], names, cfg.vision.image_size, mean, std,
-                  cfg.text.max_length)  # type: ignore[arg-type]
+    """A fresh backbone with a saved adapter loaded by `PeftModel.from_pretrained`."""
+    return assemble(cfg, read_label_names(adapter_dir), adapter_dir)
 
 
 def backbone_bytes(model: nn.Module) -> int:

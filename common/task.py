@@ -1,38 +1,42 @@
 """What a site or the server needs for one run, built once per process and cached.
 
-The Flower apps call only these functions: `prepare_manifests` (generate the demo data or check
-the user's manifests), `cached_bundle` (the backbone, built once per worker process and reused
-across rounds and virtual clients: only the adapter is swapped per message), `site_data` (a
-site's train/validation split: its partition in simulation, its own manifest in deployment) and
-`load_test_split` (the server's held-out split).
+The Flower apps call only these functions: `resolve_data` (generate the demo data or find the
+user's manifests, and fix the label set), `cached_bundle` (the backbone, built once per worker
+process and reused across rounds and virtual clients: only the adapter is swapped per message),
+`site_data` (a site's train/validation split: its partition in simulation, its own manifest in
+deployment) and `load_test_split` (the server's held-out split). Caches are keyed by the frozen
+config dataclasses themselves.
 """
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
-from dataclasses import asdict
+from dataclasses import astuple, replace
 from functools import lru_cache
 from pathlib import Path
 
 import datasets
+import numpy as np
 
-from common.config import Config, ModelConfig, PartitionConfig, SkewConfig
 from common.data import Encoded, encode, label_names, load_manifest
 from common.demo_data import generate
 from common.model import Bundle, build_model
 from common.partition import partition_indices
+from common.schema import Config, ModelConfig, PartitionConfig, SkewConfig
 from common.skews import apply_skews
 
 VALIDATION_FRACTION = 0.1  # of each site's data, held out for federated evaluation
 
 
-def prepare_manifests(cfg: Config) -> tuple[Path, Path]:
-    """Return absolute (train, test) manifest paths, generating the demo data if needed."""
+def resolve_data(cfg: Config) -> Config:
+    """`cfg` with absolute manifest paths and the label set filled in (demo data generated)."""
     d = cfg.data
-    if d.source == "demo":
-        return generate(Path(d.demo_dir).resolve(), d.demo_train, d.demo_test, d.seed)
-    return Path(str(d.train)).resolve(), Path(str(d.test)).resolve()
+    if d.source == "demo" and not d.train:
+        train, test = generate(Path(d.demo_dir).resolve(), d.demo_train, d.demo_test, d.seed)
+    else:
+        train, test = Path(str(d.train)).resolve(), Path(str(d.test)).resolve()
+    labels = d.labels or tuple(manifest_labels(train))
+    return replace(cfg, data=replace(d, train=str(train), test=str(test), labels=labels))
 
 
 @lru_cache(maxsize=4)
@@ -45,13 +49,13 @@ def manifest_labels(path: str | Path) -> list[str]:
     return label_names(_manifest(str(path)))
 
 
-_BUNDLES: OrderedDict[tuple[str, tuple[str, ...]], Bundle] = OrderedDict()
+_BUNDLES: OrderedDict[tuple[ModelConfig, tuple[str, ...]], Bundle] = OrderedDict()
 MAX_BUNDLES = 4  # e.g. one per LoRA rank when sites of several ranks share a worker
 
 
-def cached_bundle(cfg: ModelConfig, names: list[str]) -> Bundle:
+def cached_bundle(cfg: ModelConfig, names: tuple[str, ...] | list[str]) -> Bundle:
     """The model for this config and label set, built once per process (a few are kept)."""
-    key = (json.dumps(asdict(cfg), sort_keys=True), tuple(names))
+    key = (cfg, tuple(names))
     if key in _BUNDLES:
         _BUNDLES.move_to_end(key)
     else:
@@ -62,14 +66,12 @@ def cached_bundle(cfg: ModelConfig, names: list[str]) -> Bundle:
 
 
 @lru_cache(maxsize=4)
-def _partitions(path: str, partition_json: str, seed: int) -> list[list[int]]:
-    return partition_indices(_manifest(path), PartitionConfig(**json.loads(partition_json)), seed)
+def _partitions(path: str, partition: PartitionConfig, seed: int) -> list[list[int]]:
+    return partition_indices(_manifest(path), partition, seed)
 
 
 def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic train/validation split of `range(n)`."""
-    import numpy as np
-
     order = np.random.default_rng(seed).permutation(n).tolist()
     n_val = int(round(n * VALIDATION_FRACTION)) if n >= 10 else 0
     return sorted(order[n_val:]), sorted(order[:n_val])
@@ -77,23 +79,22 @@ def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 @lru_cache(maxsize=16)
 def _site_data(path: str, rows: tuple[int, ...] | None, names: tuple[str, ...], size: int,
-               mean: tuple, std: tuple, seed: int, skew_json: str, site: int, num_sites: int
-               ) -> tuple[Encoded, Encoded, dict]:
+               mean: tuple, std: tuple, seed: int, skew: SkewConfig | None, site: int,
+               num_sites: int) -> tuple[Encoded, Encoded, dict]:
     ds = _manifest(path)
     if rows is not None:
         ds = ds.select(rows)
     encoded = encode(ds, list(names), size, mean, std, source=path)
     stats: dict = {}
-    if skew_json:  # simulated heterogeneity of this site's data (train and validation alike)
-        encoded, stats = apply_skews(encoded, SkewConfig(**json.loads(skew_json)), site,
-                                     num_sites, seed, num_classes=len(names))
+    if skew is not None:  # simulated heterogeneity of this site's data (train and validation)
+        encoded, stats = apply_skews(encoded, skew, site, num_sites, seed, num_classes=len(names))
     train_idx, val_idx = _split(len(encoded), seed)
     return encoded.subset(train_idx), encoded.subset(val_idx), stats
 
 
 def has_skew(cfg: Config) -> bool:
     """Whether any multimodal skew is configured."""
-    return any(value > 0 for value in asdict(cfg.skew).values())
+    return any(value > 0 for value in astuple(cfg.skew))
 
 
 def site_data(cfg: Config, bundle: Bundle, *, train_manifest: str | Path,
@@ -103,14 +104,13 @@ def site_data(cfg: Config, bundle: Bundle, *, train_manifest: str | Path,
     Simulated sites also get the configured multimodal skews; `with_stats` adds their realised
     statistics as a third element.
     """
-    rows, skew_json = None, ""
+    rows, skew = None, None
     if partition_id is not None:
-        parts = _partitions(str(train_manifest), json.dumps(asdict(cfg.partition)), cfg.seed)
-        rows = tuple(parts[partition_id])
-        skew_json = json.dumps(asdict(cfg.skew), sort_keys=True) if has_skew(cfg) else ""
+        rows = tuple(_partitions(str(train_manifest), cfg.partition, cfg.seed)[partition_id])
+        skew = cfg.skew if has_skew(cfg) else None
     train, val, stats = _site_data(
         str(train_manifest), rows, tuple(bundle.label_names), bundle.image_size,
-        tuple(bundle.image_mean), tuple(bundle.image_std), cfg.seed, skew_json,
+        tuple(bundle.image_mean), tuple(bundle.image_std), cfg.seed, skew,
         partition_id or 0, cfg.partition.num_clients)
     return (train, val, stats) if with_stats else (train, val)
 

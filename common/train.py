@@ -1,13 +1,18 @@
 """Local training and evaluation of a site's model on its own data.
 
-`train_local` runs AdamW over the trainable tensors only (LoRA + modules_to_save), optionally with
-the FedProx proximal term mu/2 * ||w - w_global||^2 and with FedRS's restricted softmax (logits
-of classes the site does not hold scaled by `absent_class_scale`, Li & Zhan, KDD 2021), which
-keeps a site with few labels from pushing the shared head away from the others' classes, and
-with modality dropout (each step hides some rows' text or image, never both, so the fusion head's
-learned placeholder stands in and the head cannot lean on the modality that is learned first);
-`evaluate` reports loss, accuracy, macro-F1.
-On CUDA both run under bf16 autocast; on CPU in float32.
+`train_local(bundle, data, cfg.train)` runs AdamW over the trainable tensors only (LoRA +
+modules_to_save) with every option of `TrainConfig`:
+  proximal_mu            FedProx's term mu/2 * ||w - w_global||^2
+  absent_class_scale     FedRS's restricted softmax (Li & Zhan, KDD 2021): logits of classes the
+                         site does not hold are scaled, so a site with few labels does not push
+                         the shared head away from the others' classes
+  modality_dropout_*     each step hides some rows' text or image (never both): the fusion
+                         head's learned placeholder stands in, so the head cannot lean on the
+                         modality learned first
+  max_grad_norm          one global gradient-norm clip per step (as HF Trainer)
+  label_smoothing        cross-entropy label smoothing (`loss_fn`, shared with DP-SGD)
+`evaluate` reports loss, accuracy, macro-F1. On CUDA both run under bf16 autocast; on CPU in
+float32.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 
 from common.data import Encoded
 from common.model import Bundle
+from common.schema import TrainConfig
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -76,39 +82,43 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def train_local(bundle: Bundle, data: Encoded, *, epochs: int, batch_size: int, lr: float,
-                weight_decay: float = 0.0, proximal_mu: float = 0.0,
-                absent_class_scale: float = 1.0, modality_dropout_text: float = 0.0,
-                modality_dropout_image: float = 0.0, max_grad_norm: float = 0.0, seed: int = 0,
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, train: TrainConfig) -> torch.Tensor:
+    """The training loss (cross-entropy, with `train.label_smoothing`); DP-SGD uses it too."""
+    return nn.functional.cross_entropy(logits, labels, label_smoothing=train.label_smoothing)
+
+
+def train_local(bundle: Bundle, data: Encoded, train: TrainConfig, *, seed: int = 0,
                 device: torch.device | None = None) -> dict[str, float]:
-    """Train the trainable tensors for `epochs` on `data`; return mean loss and counts."""
+    """Train the trainable tensors for `train.epochs` on `data`; return mean loss and counts."""
     device = device or pick_device()
     model = bundle.model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in params] if train.proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws from the global RNG: same seed, same run
     labels = data.labels.to(device)
-    scale = restricted_softmax_scale(labels, len(bundle.label_names), absent_class_scale)  # (C,)
+    scale = restricted_softmax_scale(labels, len(bundle.label_names),
+                                     train.absent_class_scale)  # (C,)
+    text_rate, image_rate = train.modality_dropout_text, train.modality_dropout_image
     losses: list[float] = []
-    for _ in range(epochs):
-        for idx in batches(len(data), batch_size, generator):
+    for _ in range(train.epochs):
+        for idx in batches(len(data), train.batch_size, generator):
             hidden = None
-            if modality_dropout_text or modality_dropout_image:  # no draw when off: same runs
-                hidden = modality_dropout(data.has_text[idx], data.has_image[idx],
-                                          modality_dropout_text, modality_dropout_image, generator)
+            if text_rate or image_rate:  # no draw when off: same runs
+                hidden = modality_dropout(data.has_text[idx], data.has_image[idx], text_rate,
+                                          image_rate, generator)
             with _autocast(device):
                 logits = model(**model_inputs(bundle, data, idx, device, hidden)).float()  # (B, C)
-                loss = nn.functional.cross_entropy(logits * scale, labels[idx.to(device)])
+                loss = loss_fn(logits * scale, labels[idx.to(device)], train)
             objective = loss
             if anchor:  # FedProx: pull the trainable tensors towards the global ones
-                objective = loss + proximal_mu / 2 * sum(
+                objective = loss + train.proximal_mu / 2 * sum(
                     (p - a).pow(2).sum() for p, a in zip(params, anchor))
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
-            if max_grad_norm > 0:  # as HF Trainer's max_grad_norm: one norm over all tensors
-                nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if train.max_grad_norm > 0:  # as HF Trainer's max_grad_norm: one norm over all
+                nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
     model.eval()

@@ -1,9 +1,9 @@
 """Baselines on the same split as a federated run: centralized and local-only training.
 
-    centralized  all sites' training data pooled; the same model, optimizer and the same number
-                 of training samples processed as the federation (rounds x local_epochs passes
-                 over the pooled data when every site trains every round).
-    local        every site trains alone for rounds x local_epochs epochs on its own data;
+    centralized  all sites' training data pooled; the same model, the same `TrainConfig` and the
+                 same number of training samples processed as the federation (rounds x epochs
+                 passes over the pooled data when every site trains every round).
+    local        every site trains alone for rounds x epochs epochs on its own data;
                  each is evaluated on the server's test split (mean and worst site reported).
 
 Both run in-process through the same common/ code the ClientApp uses, so the only difference
@@ -12,18 +12,15 @@ from the federation is the absence of aggregation.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from common.config import Config
 from common.data import Encoded
 from common.model import build_model
-from common.task import load_test_split, manifest_labels, site_data
+from common.task import load_test_split, site_data
 from common.train import evaluate, pick_device, train_local
-
-
-def _epochs(cfg: Config) -> int:
-    s = cfg.strategy
-    return max(1, round(s.rounds * s.local_epochs * s.fraction_train))
 
 
 def _sites(cfg: Config, bundle) -> list[Encoded]:
@@ -33,34 +30,25 @@ def _sites(cfg: Config, bundle) -> list[Encoded]:
 
 def centralized(cfg: Config) -> dict[str, float]:
     """Train one model on all sites' data pooled; evaluate on the test split."""
-    labels = manifest_labels(str(cfg.data.train))
-    bundle = build_model(cfg.model, labels)
-    pooled = _concat(_sites(cfg, bundle))
     s = cfg.strategy
-    train_local(bundle, pooled, epochs=_epochs(cfg), batch_size=s.batch_size, lr=s.lr,
-                weight_decay=s.weight_decay, modality_dropout_text=s.modality_dropout_text,
-                modality_dropout_image=s.modality_dropout_image,
-                max_grad_norm=s.max_grad_norm, seed=cfg.seed,
-                device=pick_device(cfg.device))
+    epochs = max(1, round(s.rounds * cfg.train.epochs * s.fraction_train))
+    bundle = build_model(cfg.model, list(cfg.data.labels))
+    pooled = _concat(_sites(cfg, bundle))
+    train_local(bundle, pooled, replace(cfg.train, epochs=epochs, proximal_mu=0.0),
+                seed=cfg.seed, device=pick_device(cfg.device))
     result = evaluate(bundle, load_test_split(bundle, str(cfg.data.test)))
     return {"centralized_accuracy": result["accuracy"], "centralized_macro_f1": result["macro_f1"]}
 
 
 def local(cfg: Config) -> dict[str, float]:
     """Train each site alone; report mean and worst test accuracy over sites."""
-    labels = manifest_labels(str(cfg.data.train))
-    probe = build_model(cfg.model, labels)
+    probe = build_model(cfg.model, list(cfg.data.labels))
     sites, test = _sites(cfg, probe), load_test_split(probe, str(cfg.data.test))
-    s, accuracies = cfg.strategy, []
+    train = replace(cfg.train, epochs=cfg.strategy.rounds * cfg.train.epochs, proximal_mu=0.0)
+    accuracies = []
     for i, data in enumerate(sites):
-        bundle = build_model(cfg.model, labels)  # every site starts from the same backbone
-        train_local(bundle, data, epochs=s.rounds * s.local_epochs, batch_size=s.batch_size,
-                    lr=s.lr, weight_decay=s.weight_decay,
-                    absent_class_scale=s.absent_class_scale,
-                    modality_dropout_text=s.modality_dropout_text,
-                    modality_dropout_image=s.modality_dropout_image,
-                    max_grad_norm=s.max_grad_norm, seed=cfg.seed * 1000 + i,
-                    device=pick_device(cfg.device))
+        bundle = build_model(cfg.model, list(cfg.data.labels))  # every site starts the same
+        train_local(bundle, data, train, seed=cfg.seed * 1000 + i, device=pick_device(cfg.device))
         accuracies.append(evaluate(bundle, test)["accuracy"])
     return {"local_mean_accuracy": float(np.mean(accuracies)),
             "local_worst_accuracy": float(np.min(accuracies)),

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import EMBEDDED_TEXT_ENCODER, Config, load_config
+from dataclasses import replace
+
+from common.config import EMBEDDED_TEXT_ENCODER, Config, TrainConfig, load_config
 from common.data import Encoded
 from common.model import resolve_name_or_path
 
@@ -48,6 +50,41 @@ def tiny_vit_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     ViTModel(config).save_pretrained(out)
     return out
+
+
+def train_options(**changes) -> TrainConfig:
+    """The packaged local-training options with `changes` (e.g. epochs=2, lr=1e-2)."""
+    return replace(load_config([]).train, **changes)
+
+
+def strategy_cfg(name: str = "fedavg", lora_alpha: float | None = None,
+                 overrides: tuple[str, ...] = (), **strategy_changes) -> Config:
+    """A whole config for strategy `name`: one site suffices, `strategy_changes` applied."""
+    cfg = load_config([f"strategy={name}", *overrides])
+    changes = {"min_train_nodes": 1, "min_available_nodes": 1, **strategy_changes}
+    cfg = replace(cfg, strategy=replace(cfg.strategy, **changes))
+    if lora_alpha is not None:
+        cfg = replace(cfg, model=replace(cfg.model, lora=replace(cfg.model.lora,
+                                                                 alpha=lora_alpha)))
+    return cfg
+
+
+class NodeGrid:
+    """The part of Flower's Grid that strategies' configure_* read: the connected node ids."""
+
+    def __init__(self, node_ids=(1,)):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def start_round(strategy, server_round: int, global_state: dict, node_ids=(1,)) -> list:
+    """Run the strategy's real configure_train for a round that starts from `global_state`."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    arrays = ArrayRecord({k: Array(v.copy()) for k, v in global_state.items()})
+    return list(strategy.configure_train(server_round, arrays, ConfigRecord(), NodeGrid(node_ids)))
 
 
 def tiny_overrides(text_dir: Path, vision_dir: Path | None = None) -> list[str]:

@@ -12,6 +12,7 @@ from common.data import encode, label_names, load_manifest
 from common.demo_data import generate
 from common.model import build_model
 from common.train import evaluate, train_local
+from tests.conftest import train_options
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def _accuracy(modalities: str, demo) -> float:
     cfg = load_config([f"model.modalities=[{modalities}]"])
     bundle = build_model(cfg.model, names)
     args = (names, bundle.image_size, bundle.image_mean, bundle.image_std)
-    train_local(bundle, encode(train_ds, *args), epochs=3, batch_size=16,
-                lr=cfg.strategy.lr, seed=0)
+    train_local(bundle, encode(train_ds, *args), train_options(epochs=3, batch_size=16,
+                                                             lr=cfg.train.lr), seed=0)
     return evaluate(bundle, encode(test_ds, *args))["accuracy"]
 
 

@@ -3,19 +3,57 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from common.config import CONF_DIR, ConfigError, from_json, load_config, to_json
+from common.rules import value_at
+from common.strategies import STRATEGY_TRAITS
 
 
 def _choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "partition", "strategy"])
-def test_every_group_option_composes(group):
-    for option in _choices(group):
-        cfg = load_config([f"{group}={option}"])
-        assert cfg.strategy.rounds > 0
+def _own_values(group: str, option: str) -> dict[str, object]:
+    """The dotted keys an option file sets itself (its defaults list aside) and their values."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    text = path.read_text()
+    root = "" if text.startswith("# @package _global_") else f"{group}."
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key != "defaults":
+                    walk(f"{prefix}{key}.", value)
+        else:
+            flat[prefix.rstrip(".")] = node
+    walk(root, yaml.safe_load(text) or {})
+    return flat
+
+
+GROUPS = [d.name for d in sorted(CONF_DIR.iterdir()) if d.is_dir()]
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in _choices(g)])
+def test_every_group_option_composes_and_takes_effect(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "manifest":
+        for name in ("train", "test"):
+            (tmp_path / f"{name}.csv").write_text("image,text,label\n")
+            overrides.append(f"data.{name}={tmp_path / name}.csv")
+    cfg = load_config(overrides)
+    own = _own_values(group, option)
+    assert own, f"{group}/{option}.yaml sets nothing"
+    for key, value in own.items():
+        if value == "???":  # a mandatory value the overrides above supplied
+            continue
+        got = value_at(cfg, key)
+        assert got == value, f"{group}={option}: {key} is {got!r}, the file says {value!r}"
+
+
+def test_strategy_traits_cover_exactly_the_strategy_options():
+    assert set(STRATEGY_TRAITS) == set(_choices("strategy"))
 
 
 def test_manifest_data_option_composes_with_paths(tmp_path):
@@ -27,13 +65,13 @@ def test_manifest_data_option_composes_with_paths(tmp_path):
 
 
 def test_modality_dropout_that_could_hide_both_modalities_is_refused():
-    with pytest.raises(ConfigError, match="^strategy.modality_dropout_text"):
-        load_config(["strategy.modality_dropout_text=0.6", "strategy.modality_dropout_image=0.6"])
+    with pytest.raises(ConfigError, match="^train.modality_dropout_text"):
+        load_config(["train.modality_dropout_text=0.6", "train.modality_dropout_image=0.6"])
 
 
 def test_fedprox_option_sets_a_positive_mu():
     cfg = load_config(["strategy=fedprox"])
-    assert cfg.strategy.name == "fedprox" and cfg.strategy.proximal_mu > 0
+    assert cfg.strategy.name == "fedprox" and cfg.train.proximal_mu > 0
 
 
 @pytest.mark.parametrize("override, key", [
@@ -43,13 +81,13 @@ def test_fedprox_option_sets_a_positive_mu():
     ("strategy.name=fedsomething", "strategy.name"),
     ("strategy.min_train_nodes=99", "strategy.min_train_nodes"),
     ("strategy.fraction_train=1.5", "strategy.fraction_train"),
-    ("strategy.lr=0", "strategy.lr"),
+    ("train.lr=0", "train.lr"),
     ("partition.num_clients=0", "partition.num_clients"),
     ("model.modalities=[audio]", "model.modalities"),
     ("device=tpu", "device"),
     ("model.lora.r=eight", "model.lora.r"),
-    ("strategy.modality_dropout_text=1.0", "strategy.modality_dropout_text"),
-    ("strategy.modality_dropout_image=-0.1", "strategy.modality_dropout_image"),
+    ("train.modality_dropout_text=1.0", "train.modality_dropout_text"),
+    ("train.modality_dropout_image=-0.1", "train.modality_dropout_image"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:

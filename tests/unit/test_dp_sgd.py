@@ -11,7 +11,7 @@ from common.config import load_config
 from common.dp_sgd import UNSUPPORTED, per_sample_clipping, train_local_dp
 from common.model import build_model
 from common.train import model_inputs
-from tests.conftest import LABELS, random_batch, tiny_overrides
+from tests.conftest import LABELS, random_batch, tiny_overrides, train_options
 
 CPU = torch.device("cpu")
 
@@ -88,8 +88,8 @@ def test_clipped_dp_step_equals_the_mean_of_per_sample_clipped_gradients(bundle)
 
 
 def test_dp_training_leaves_the_model_unhooked_and_reports_steps(bundle):
-    result = train_local_dp(bundle, random_batch(12), epochs=1, batch_size=4, lr=1e-3,
-                            noise_multiplier=1.0, max_grad_norm=1.0, seed=0, device=CPU)
+    result = train_local_dp(bundle, random_batch(12),
+                            train_options(epochs=1, batch_size=4, lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0, seed=0, device=CPU)
     assert result["steps"] == 3 and result["sample_rate"] == pytest.approx(4 / 12)
     assert all(not hasattr(p, "grad_sample") for p in bundle.model.parameters())
     placeholders = [p for n, p in bundle.model.named_parameters()

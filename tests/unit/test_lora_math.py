@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from common.lora_math import (
     aggregate_exact,
-    aggregate_ffa,
     aggregate_heterogeneous,
     aggregate_naive,
     delta_w,
@@ -103,27 +102,6 @@ def test_exact_identity_holds_for_any_shapes(k, r, out, inp, seed):
     target = sum(pk * 0.5 * x["l" + B].astype(np.float64) @ x["l" + A] for pk, x in zip(_p(n), states))
     got = 0.5 * adapter["l" + B].astype(np.float64) @ adapter["l" + A] + res["l"]
     np.testing.assert_allclose(got, target, atol=1e-5 * max(1.0, np.abs(target).max()))
-
-
-def test_ffa_is_exact_and_keeps_frozen_a():
-    rng = np.random.default_rng(1)
-    s = 2.0
-    frozen = {QUERY + A: rng.normal(size=(4, 12)).astype(np.float32)}  # (r, in)
-    p = _p(NUM_EXAMPLES)
-    uploads = [{QUERY + B: rng.normal(size=(10, 4)).astype(np.float32),
-                HEAD: rng.normal(size=(3, 10)).astype(np.float32)} for _ in NUM_EXAMPLES]
-    agg = aggregate_ffa(uploads, NUM_EXAMPLES, frozen)  # clients did not upload A
-    target = s * sum(pk * x[QUERY + B].astype(np.float64) @ frozen[QUERY + A] for pk, x in zip(p, uploads))
-    assert _rel(s * agg[QUERY + B].astype(np.float64) @ agg[QUERY + A], target) < 1e-6
-    assert agg[QUERY + A].dtype == np.float32 and np.array_equal(agg[QUERY + A], frozen[QUERY + A])
-    assert agg[QUERY + A] is not frozen[QUERY + A]
-    np.testing.assert_allclose(agg[HEAD], np.average([x[HEAD] for x in uploads], axis=0, weights=p),
-                               rtol=1e-6)
-    with_a = aggregate_ffa([{**x, **frozen} for x in uploads], NUM_EXAMPLES, frozen)
-    assert all(np.array_equal(with_a[k], agg[k]) for k in agg) and set(with_a) == set(agg)
-    drifted = [{**x, QUERY + A: frozen[QUERY + A] + 1e-3} for x in uploads]
-    with pytest.raises(ValueError, match="differs from frozen_a"):
-        aggregate_ffa(drifted, NUM_EXAMPLES, frozen)
 
 
 def _hetero_clients(ranks=(2, 4, 8), alpha=8.0, out=10, inp=12):

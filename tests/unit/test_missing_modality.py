@@ -12,7 +12,7 @@ from common.config import load_config
 from common.data import Encoded
 from common.model import build_backbone, build_model, save_adapter
 from common.train import predict, train_local
-from tests.conftest import LABELS, random_batch, tiny_overrides
+from tests.conftest import LABELS, random_batch, tiny_overrides, train_options
 
 HAS_IMAGE = [True, False, True, True, False, True, True, True]
 HAS_TEXT = [True, True, False, True, True, True, False, True]
@@ -85,7 +85,7 @@ def test_batches_without_a_modality_run_and_skip_that_tower(cfg):
     cnn = {n: p.detach().clone() for n, p in bundle.model.named_parameters()
            if "vision_encoder" in n and p.requires_grad}
     assert cnn
-    train_local(bundle, data, epochs=1, batch_size=4, lr=1e-2)
+    train_local(bundle, data, train_options(epochs=1, batch_size=4, lr=1e-2))
     for name, p in bundle.model.named_parameters():
         if name in cnn:  # no row had an image: the image tower never trained
             torch.testing.assert_close(p.detach(), cnn[name], rtol=0, atol=0)
@@ -98,7 +98,7 @@ def test_placeholders_train_travel_and_reload_exactly(cfg, tmp_path):
     (head,) = _heads(bundle.model)
     assert head.text_placeholder.requires_grad and head.image_placeholder.requires_grad
     assert not head.text_placeholder.any() and not head.image_placeholder.any()  # zeros at init
-    train_local(bundle, data, epochs=3, batch_size=4, lr=1e-2)
+    train_local(bundle, data, train_options(epochs=3, batch_size=4, lr=1e-2))
     assert head.text_placeholder.any() and head.image_placeholder.any()  # they learned
     state = adapter_state(bundle.model)
     keys = [k for k in state if "placeholder" in k]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from common.adapter import AdapterMismatch, adapter_state, set_adapter_state, st
 from common.config import load_config
 from common.model import backbone_bytes, build_backbone, build_model, load_adapter, save_adapter
 from common.train import predict, train_local
-from tests.conftest import LABELS, random_batch, tiny_overrides
+from tests.conftest import LABELS, random_batch, tiny_overrides, train_options
 
 
 def _trainable_and_frozen(model):
@@ -54,18 +56,19 @@ def test_saved_adapter_loads_with_peft_and_reproduces_logits(tmp_path, tiny_text
     cfg = load_config(tiny_overrides(tiny_text_dir))
     bundle = build_model(cfg.model, LABELS)
     data = random_batch(24)
-    train_local(bundle, data, epochs=2, batch_size=8, lr=1e-2)
+    train_local(bundle, data, train_options(epochs=2, batch_size=8, lr=1e-2))
     expected = predict(bundle, data)
     save_adapter(bundle, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    # Independent path: PEFT's own loader onto a freshly built backbone.
-    backbone, extras = build_backbone(cfg.model, len(LABELS))
-    reloaded = PeftModel.from_pretrained(backbone, str(tmp_path / "adapter"))
-    bundle2 = load_adapter(cfg.model, tmp_path / "adapter")
-    assert bundle2.label_names == LABELS
-    bundle2.model = reloaded
-    torch.testing.assert_close(predict(bundle2, data), expected, rtol=0, atol=0)
+    loaded = load_adapter(cfg.model, tmp_path / "adapter")  # fedmm's loader ...
+    assert loaded.label_names == LABELS
+    torch.testing.assert_close(predict(loaded, data), expected, rtol=0, atol=0)
+    # ... and, independently, PEFT's own loader onto a freshly built backbone.
+    backbone, _ = build_backbone(cfg.model, len(LABELS))
+    independent = replace(loaded, model=PeftModel.from_pretrained(backbone,
+                                                                  str(tmp_path / "adapter")))
+    torch.testing.assert_close(predict(independent, data), expected, rtol=0, atol=0)
     fresh = predict(build_model(cfg.model, LABELS), data)
     assert not torch.allclose(fresh, expected)  # the adapter, not the backbone, made the logits
 
@@ -73,7 +76,7 @@ def test_saved_adapter_loads_with_peft_and_reproduces_logits(tmp_path, tiny_text
 def test_set_adapter_state_round_trips_and_refuses_mismatches(tiny_text_dir):
     cfg = load_config(tiny_overrides(tiny_text_dir))
     a, b = build_model(cfg.model, LABELS), build_model(cfg.model, LABELS)
-    train_local(a, random_batch(16), epochs=1, batch_size=8, lr=1e-2)
+    train_local(a, random_batch(16), train_options(epochs=1, batch_size=8, lr=1e-2))
     sent = to_numpy(adapter_state(a.model))
     set_adapter_state(b.model, sent)
     for key, value in adapter_state(b.model).items():
@@ -97,7 +100,7 @@ def test_fedprox_term_keeps_weights_near_the_global_ones(tiny_text_dir):
     def drift(mu: float) -> float:
         bundle = build_model(cfg.model, LABELS)
         start = to_numpy(adapter_state(bundle.model))
-        train_local(bundle, data, epochs=3, batch_size=8, lr=1e-2, proximal_mu=mu)
+        train_local(bundle, data, train_options(epochs=3, batch_size=8, lr=1e-2, proximal_mu=mu))
         end = to_numpy(adapter_state(bundle.model))
         return float(np.sqrt(sum(((end[k] - start[k]) ** 2).sum() for k in start)))
 

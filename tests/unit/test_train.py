@@ -9,9 +9,9 @@ from sklearn.metrics import f1_score
 
 from common.config import load_config
 from common.model import build_model
-from common.train import (evaluate, macro_f1, modality_dropout, model_inputs,
+from common.train import (evaluate, loss_fn, macro_f1, modality_dropout, model_inputs,
                           restricted_softmax_scale, train_local)
-from tests.conftest import LABELS, random_batch, tiny_overrides
+from tests.conftest import LABELS, random_batch, tiny_overrides, train_options
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -29,7 +29,7 @@ def test_training_lowers_the_loss_on_its_data(tiny_text_dir):
     bundle = build_model(cfg.model, LABELS)
     data = random_batch(32)
     before = evaluate(bundle, data)["loss"]
-    train_local(bundle, data, epochs=20, batch_size=8, lr=1e-2)
+    train_local(bundle, data, train_options(epochs=20, batch_size=8, lr=1e-2))
     assert evaluate(bundle, data)["loss"] < 0.5 * before
 
 
@@ -38,7 +38,7 @@ def test_frozen_backbone_weights_do_not_move(tiny_text_dir):
     bundle = build_model(cfg.model, LABELS)
     frozen = {n: p.detach().clone() for n, p in bundle.model.named_parameters()
               if not p.requires_grad}
-    train_local(bundle, random_batch(16), epochs=2, batch_size=8, lr=1e-2)
+    train_local(bundle, random_batch(16), train_options(epochs=2, batch_size=8, lr=1e-2))
     for name, p in bundle.model.named_parameters():
         if name in frozen:
             assert np.array_equal(p.detach().numpy(), frozen[name].numpy()), name
@@ -59,7 +59,8 @@ def test_restricted_softmax_leaves_absent_classes_alone(tiny_text_dir, scale, ab
     data = random_batch(24, num_labels=2)  # the site holds classes 0 and 1, never class 2
     weight, bias = _output_layer(bundle)
     before = weight[2].detach().clone(), bias[2].detach().clone()
-    train_local(bundle, data, epochs=2, batch_size=8, lr=1e-2, absent_class_scale=scale)
+    train_local(bundle, data, train_options(epochs=2, batch_size=8, lr=1e-2,
+                                            absent_class_scale=scale))
     moved = not (torch.equal(weight[2], before[0]) and torch.equal(bias[2], before[1]))
     assert moved == absent_row_moves
 
@@ -95,7 +96,8 @@ def test_hidden_text_never_reaches_the_text_tower(tiny_text_dir):
     text_tower = bundle.model.base_model.model.text_encoder
     handle = text_tower.register_forward_hook(lambda m, args, kw, out: rows.append(
         kw["input_ids"].shape[0]), with_kwargs=True)
-    train_local(bundle, data, epochs=1, batch_size=8, lr=1e-2, modality_dropout_text=0.5)
+    train_local(bundle, data, train_options(epochs=1, batch_size=8, lr=1e-2,
+                                            modality_dropout_text=0.5))
     handle.remove()
     assert 16 < sum(rows) < 48  # about half of the 64 rows; the image tower saw all of them
 
@@ -105,7 +107,8 @@ def _trainable_shift(tiny_text_dir, **kwargs) -> float:
     bundle = build_model(cfg.model, LABELS)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    train_local(bundle, random_batch(16), epochs=1, batch_size=8, lr=1e-2, **kwargs)
+    train_local(bundle, random_batch(16), train_options(epochs=1, batch_size=8, lr=1e-2,
+                                                        **kwargs))
     return sum((p.detach() - b).norm().item() for p, b in zip(params, before))
 
 
@@ -114,3 +117,15 @@ def test_max_grad_norm_clips_every_step(tiny_text_dir):
     free = _trainable_shift(tiny_text_dir)
     clipped = _trainable_shift(tiny_text_dir, max_grad_norm=1e-12)
     assert clipped < 0.01 * free
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_label_smoothing_loss_matches_a_numpy_reference(smoothing):
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(7, 4)), rng.integers(0, 4, 7)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # (N, C)
+    target = np.full((7, 4), smoothing / 4) + (1 - smoothing) * np.eye(4)[labels]
+    expected = -(target * log_p).sum(-1).mean()
+    got = loss_fn(torch.tensor(logits), torch.tensor(labels), train_options(
+        label_smoothing=smoothing))
+    assert got.item() == pytest.approx(expected, rel=1e-6)

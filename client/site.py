@@ -1,0 +1,99 @@
+"""This site, as a train or evaluate message finds it: the run's config, its rank, model and data.
+
+Simulated, a site's data is partition `partition-id` of the run's training manifest; deployed,
+it is the manifest named by the node config (`--node-config "data-path=/site/train.csv"`,
+optionally `site-name`, `lora-rank`, `device`; `fedmm site` sets them). The backbone is built
+once per process (common.task.cached_bundle); each message only swaps the adapter tensors.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+
+from common import keys
+from common.adapter import apply_base_residuals, set_adapter_state, set_lora_a_trainable
+from common.config import Config, from_run_config
+from common.data import Encoded
+from common.lora_math import fit_rank
+from common.model import Bundle
+from common.strategies import LORA_MODES
+from common.task import cached_bundle, resolve_data, site_data
+from common.train import pick_device
+
+_CONFIGS: dict[str, Config] = {}
+
+
+def run_config(context: Context) -> Config:
+    """The run's validated config, data resolved (parsed once per process)."""
+    text = str(context.run_config.get(keys.RUN_CONFIG, ""))
+    if text not in _CONFIGS:
+        cfg = from_run_config(text, check_files=False)  # server paths need not exist here
+        _CONFIGS[text] = cfg if cfg.data.labels else resolve_data(cfg)
+    return _CONFIGS[text]
+
+
+def site_rank(cfg: Config, context: Context) -> int:
+    """This site's LoRA rank: node config `lora-rank`, else `simulation.site_ranks`, else r."""
+    node = context.node_config
+    if keys.LORA_RANK in node:
+        return int(node[keys.LORA_RANK])
+    ranks = cfg.simulation.site_ranks
+    if ranks and keys.PARTITION_ID in node:
+        return int(ranks[int(node[keys.PARTITION_ID]) % len(ranks)])
+    return cfg.model.lora.r
+
+
+def site_number(context: Context) -> int:
+    """A stable number for this site: its partition in simulation, else from its node config.
+
+    Deployed, it derives from `site-name` (or `data-path`), never from the node id, so a
+    resumed run seeds every site exactly as the uninterrupted run did.
+    """
+    node = context.node_config
+    if keys.PARTITION_ID in node:
+        return int(node[keys.PARTITION_ID])
+    name = str(node.get(keys.SITE_NAME, node.get(keys.DATA_PATH, context.node_id)))
+    return zlib.crc32(name.encode()) % 1_000_003
+
+
+@dataclass
+class Site:
+    """One site, ready for one message: model with the global adapter loaded, and its data."""
+
+    cfg: Config
+    server_round: int
+    bundle: Bundle
+    train: Encoded
+    val: Encoded
+    device: torch.device
+    global_state: dict[str, np.ndarray]  # the global adapter, at this site's rank
+    seed: int  # this site's shuffling and dropout in this round
+
+
+def load_site(msg: Message, context: Context) -> Site:
+    """Load the global adapter into this site's cached model and fetch its data."""
+    cfg = run_config(context)
+    rank = site_rank(cfg, context)
+    bundle = cached_bundle(replace(cfg.model, lora=replace(cfg.model.lora, r=rank)),
+                           cfg.data.labels)
+    incoming = {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()}
+    global_state = fit_rank(incoming, rank, cfg.model.lora.alpha)
+    set_adapter_state(bundle.model, global_state)
+    residuals = msg.content.array_records.get(keys.BASE_RESIDUALS)
+    apply_base_residuals(bundle.model, {k: v.numpy() for k, v in (residuals or {}).items()})
+    set_lora_a_trainable(bundle.model, LORA_MODES[cfg.strategy.lora_aggregation].uploads_a)
+    node = context.node_config
+    if keys.DATA_PATH in node:  # a deployed site: its own manifest, all of it
+        train, val = site_data(cfg, bundle, train_manifest=str(node[keys.DATA_PATH]))
+    else:  # a simulated site: its partition of the shared manifest
+        train, val = site_data(cfg, bundle, train_manifest=str(cfg.data.train),
+                               partition_id=int(node[keys.PARTITION_ID]))
+    server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
+    seed = cfg.seed * 100_003 + server_round * 1_009 + site_number(context)
+    device = pick_device(str(node.get(keys.DEVICE, cfg.device)))
+    return Site(cfg, server_round, bundle, train, val, device, global_state, seed)

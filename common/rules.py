@@ -1,0 +1,165 @@
+"""Which settings combine: one table of rules, checked after every field's own range.
+
+Each rule names the key its message is about, when it applies and what must hold; a broken rule
+raises `ConfigError("<key> must be <allowed> (got <value>)")`, one line, before any work. The
+strategy and LoRA-mode traits these rules read live in common/strategies.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.schema import CENTRAL_DP, Config, ConfigError
+from common.privacy import num_sampled_sites
+from common.strategies import LORA_MODES, names_where, traits
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str                                  # the setting the message names
+    ok: Callable[[Config], bool]              # what must hold ...
+    allowed: str | Callable[[Config], str]    # ... said as "<key> must be <allowed>"
+    when: Callable[[Config], bool] = lambda c: True
+    got: Callable[[Config], Any] | None = None  # the value shown (default: the key's)
+
+
+def _local_dp(c: Config) -> bool:
+    return c.privacy.dp == "local"
+
+
+def _central_dp(c: Config) -> bool:
+    return c.privacy.dp in CENTRAL_DP
+
+
+def _secagg(c: Config) -> bool:
+    return c.privacy.secagg
+
+
+def _dropout(c: Config) -> float:
+    return c.train.modality_dropout_text + c.train.modality_dropout_image
+
+
+def _missing_skews(c: Config) -> dict:
+    return {k: v for k, v in vars(c.skew).items() if k.startswith("missing_") and v > 0}
+
+
+MEAN = names_where(linear=True)
+LOCAL_DP = "with privacy.dp=local ("
+CENTRAL = ("with privacy.dp={} (the DP wrappers clip and noise one uniform mean of "
+           "whole-adapter updates)")
+SECAGG = "with privacy.secagg=true (the server only sees the sum of masked updates; "
+NOT_SECAGG = {"robust": "robust aggregation needs each update in plaintext)",
+              "server_optimizer": "server optimizers are not wired through SecAgg+ here)"}
+
+RULES: tuple[Rule, ...] = (
+    # model and data
+    Rule("model.vision.channels", lambda c: len(c.model.vision.channels) > 0,
+         "non-empty when model.vision.name_or_path is null",
+         when=lambda c: c.model.vision.name_or_path is None),
+    Rule("data.train", lambda c: bool(c.data.train), "a manifest path when data.source=manifest",
+         when=lambda c: c.data.source == "manifest"),
+    Rule("data.test", lambda c: bool(c.data.test), "a manifest path when data.source=manifest",
+         when=lambda c: c.data.source == "manifest"),
+    Rule("data.demo_train", lambda c: c.data.demo_train > 0, "> 0 with data.source=demo",
+         when=lambda c: c.data.source == "demo"),
+    Rule("data.demo_test", lambda c: c.data.demo_test > 0, "> 0 with data.source=demo",
+         when=lambda c: c.data.source == "demo"),
+    # sampling and local training
+    Rule("strategy.min_train_nodes", lambda c: c.strategy.min_train_nodes <= c.partition.num_clients,
+         lambda c: f"in [1, partition.num_clients={c.partition.num_clients}]"),
+    Rule("strategy.min_available_nodes",
+         lambda c: c.strategy.min_available_nodes <= c.partition.num_clients,
+         lambda c: f"in [1, partition.num_clients={c.partition.num_clients}]"),
+    Rule("train.proximal_mu", lambda c: c.train.proximal_mu > 0, "> 0 with strategy=fedprox",
+         when=lambda c: c.strategy.name == "fedprox"),
+    Rule("train.modality_dropout_text", lambda c: _dropout(c) <= 1,
+         lambda c: f"<= 1 - train.modality_dropout_image = "
+                   f"{1 - c.train.modality_dropout_image:g} (a row never loses both)"),
+    # aggregation
+    Rule("strategy.lora_aggregation", lambda c: traits(c.strategy.name).linear,
+         lambda c: f"naive or ffa with strategy={c.strategy.name} (exact folds a non-linear "
+                   f"residual and composes only with {MEAN})",
+         when=lambda c: not LORA_MODES[c.strategy.lora_aggregation].linear),
+    Rule("simulation.site_ranks",
+         lambda c: traits(c.strategy.name).linear and c.strategy.lora_aggregation == "naive",
+         lambda c: f"[] with strategy={c.strategy.name} strategy.lora_aggregation="
+                   f"{c.strategy.lora_aggregation} (heterogeneous ranks need a mean strategy "
+                   f"{MEAN} with naive LoRA aggregation)",
+         when=lambda c: bool(set(c.simulation.site_ranks) - {c.model.lora.r})),
+    # differential privacy
+    Rule("privacy.noise_multiplier",
+         lambda c: c.privacy.noise_multiplier > 0 or c.privacy.target_epsilon > 0,
+         lambda c: f"> 0 (or privacy.target_epsilon > 0) with privacy.dp={c.privacy.dp}",
+         when=lambda c: c.privacy.dp != "none"),
+    Rule("skew", lambda c: not _missing_skews(c), "free of missing modalities " + LOCAL_DP
+         + "a tower that skips rows breaks Opacus's per-sample gradients)", when=_local_dp,
+         got=_missing_skews),
+    Rule("train.proximal_mu", lambda c: c.train.proximal_mu == 0, "0 " + LOCAL_DP
+         + "the proximal term is not a per-sample loss)", when=_local_dp),
+    Rule("train.absent_class_scale", lambda c: c.train.absent_class_scale == 1, "1 " + LOCAL_DP
+         + "the site's label set is not covered by per-sample clipping)", when=_local_dp),
+    Rule("train.modality_dropout_text", lambda c: _dropout(c) == 0,
+         "0 (and modality_dropout_image 0) " + LOCAL_DP + "a tower that skips rows breaks "
+         "Opacus's per-sample gradients)", when=_local_dp, got=_dropout),
+    Rule("train.max_grad_norm", lambda c: c.train.max_grad_norm == 0, "0 " + LOCAL_DP
+         + "DP-SGD clips each sample to privacy.clipping_norm)", when=_local_dp),
+    Rule("strategy.name", lambda c: traits(c.strategy.name).central_dp,
+         lambda c: f"one of {names_where(central_dp=True)} " + CENTRAL.format(c.privacy.dp),
+         when=_central_dp),
+    Rule("strategy.lora_aggregation", lambda c: c.strategy.lora_aggregation == "naive",
+         lambda c: "naive " + CENTRAL.format(c.privacy.dp), when=_central_dp),
+    Rule("simulation.site_ranks", lambda c: not c.simulation.site_ranks,
+         lambda c: "[] " + CENTRAL.format(c.privacy.dp), when=_central_dp),
+    Rule("privacy.secagg", lambda c: not c.privacy.secagg,
+         lambda c: f"false with privacy.dp={c.privacy.dp} (central DP here is wired to the "
+                   "plaintext Message-API strategy; use privacy.dp=local with SecAgg+)",
+         when=_central_dp),
+    # secure aggregation
+    Rule("resume", lambda c: not c.resume, "false with privacy.secagg=true (Flower's legacy "
+         "SecAgg+ workflow always starts at round 1)", when=_secagg),
+    Rule("strategy.lora_aggregation", lambda c: LORA_MODES[c.strategy.lora_aggregation].linear,
+         "naive or ffa " + SECAGG + "exact needs each site's factors to form the product "
+         "residual)", when=_secagg),
+    Rule("strategy.name", lambda c: traits(c.strategy.name).secagg,
+         lambda c: f"one of {names_where(secagg=True)} " + SECAGG
+                   + NOT_SECAGG[traits(c.strategy.name).kind], when=_secagg),
+    Rule("simulation.site_ranks", lambda c: not c.simulation.site_ranks,
+         "[] " + SECAGG + "heterogeneous ranks need each site's factors)", when=_secagg),
+    Rule("strategy.max_update_norm", lambda c: c.strategy.max_update_norm == 0,
+         "0 " + SECAGG + "screening an update's norm needs it in plaintext)", when=_secagg),
+    Rule("strategy.fraction_evaluate", lambda c: c.strategy.fraction_evaluate == 0,
+         "0 " + SECAGG + "the server evaluates the global adapter on the test split)",
+         when=_secagg),
+    Rule("privacy.num_shares", lambda c: c.privacy.num_shares <= 1 or (
+        c.privacy.num_shares == int(c.privacy.num_shares) and c.privacy.num_shares > 2),
+        "a fraction in (0, 1] or an integer > 2", when=_secagg),
+    Rule("privacy.reconstruction_threshold", lambda c: c.privacy.reconstruction_threshold <= 1
+         or c.privacy.num_shares <= 1 or c.privacy.reconstruction_threshold < c.privacy.num_shares,
+         "a fraction in (0, 1] or an integer < privacy.num_shares", when=_secagg),
+    Rule("strategy.fraction_train", lambda c: num_sampled_sites(c) >= 3,
+         "large enough to sample >= 3 sites with privacy.secagg=true", when=_secagg),
+)
+
+
+def value_at(cfg: Config, key: str) -> Any:
+    """The config value at a dotted key."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_rules(cfg: Config, check_files: bool = True) -> None:
+    """Raise ConfigError for the first broken rule (and, with `check_files`, missing manifests)."""
+    for rule in RULES:
+        if rule.when(cfg) and not rule.ok(cfg):
+            allowed = rule.allowed(cfg) if callable(rule.allowed) else rule.allowed
+            got = rule.got(cfg) if rule.got else value_at(cfg, rule.key)
+            raise ConfigError(f"{rule.key} must be {allowed} (got {got!r})")
+    if check_files and cfg.data.source == "manifest":
+        for key in ("data.train", "data.test"):
+            if not Path(str(value_at(cfg, key))).is_file():
+                raise ConfigError(f"{key} must be an existing file (got {value_at(cfg, key)!r})")
