@@ -1,6 +1,7 @@
-"""Central DP on the server: Flower's DP strategy wrappers around fedmm's screened strategy.
+"""Central DP on the server: Flower's DP strategy wrappers, inside fedmm's screening.
 
-`privacy.dp` picks Flower's Message-API wrapper (flwr.serverapp.strategy):
+`privacy.dp` picks Flower's Message-API wrapper (flwr.serverapp.strategy) around the Flower
+strategy; fedmm's ScreenedStrategy (server/strategy.py) wraps both:
 
   server_fixed     DifferentialPrivacyServerSideFixedClipping: the server clips each update
   server_adaptive  DifferentialPrivacyServerSideAdaptiveClipping (Andrew et al. 2019)
@@ -10,17 +11,16 @@
 Each adds N(0, (z·C/m)²) to the mean of m sampled sites' updates clipped to L2 norm C. That
 sensitivity holds for an unweighted mean only, so in DP mode every kept reply weighs 1 (not its
 num-examples). Replies are screened before the wrapper clips them (a malformed reply would
-otherwise break its clipping). The accountant (common/privacy.py) counts noised releases:
-ε after r releases at sampling rate q = strategy.fraction_train; for adaptive clipping z is the
+otherwise break its clipping). The accountant (common/privacy.py) counts noised releases: ε after
+r releases at sampling rate q = strategy.fraction_train; for adaptive clipping z is the
 effective multiplier (Flower splits it between the update and the clipped-count noise).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
                                      DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideAdaptiveClipping,
@@ -29,36 +29,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
 from common import keys
 from common.config import CENTRAL_DP, Config
 from common.privacy import central_sample_rate, epsilon
-from server.strategy import RoundStats, ScreenedAggregation, shift_rounds
-
-
-class ScreenFirst:
-    """Mixin in front of a Flower DP wrapper: screen, weigh uniformly, count releases."""
-
-    strategy: ScreenedAggregation
-
-    def start(self, *, num_rounds: int, start_round: int = 1, evaluate_fn=None, **kwargs):
-        """Flower's round loop from `start_round` on (resume); see ScreenedAggregation.start."""
-        offset = self.strategy.round_offset = start_round - 1
-        return super().start(num_rounds=num_rounds - offset,  # type: ignore[misc]
-                             evaluate_fn=shift_rounds(evaluate_fn, offset), **kwargs)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        true_round = server_round + self.strategy.round_offset
-        kept = self.strategy.screen(true_round, replies)
-        for msg in kept:  # the sensitivity C/m needs an unweighted mean
-            msg.content[keys.METRICS][keys.NUM_EXAMPLES] = 1
-        self.strategy.prescreened_round = true_round
-        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
-        if arrays is not None:
-            self.strategy.dp_releases += 1
-        return arrays, metrics
-
-
-def _screen_first(base: type) -> type:
-    return type(f"ScreenFirst{base.__name__}", (ScreenFirst, base), {})
-
+from server.strategy import RoundStats
 
 WRAPPERS = {"server_fixed": DifferentialPrivacyServerSideFixedClipping,
             "client_fixed": DifferentialPrivacyClientSideFixedClipping,
@@ -66,19 +37,20 @@ WRAPPERS = {"server_fixed": DifferentialPrivacyServerSideFixedClipping,
             "client_adaptive": DifferentialPrivacyClientSideAdaptiveClipping}
 
 
-def wrap_dp(strategy: ScreenedAggregation, cfg: Config, num_sampled: int) -> Strategy:
-    """The configured Flower DP wrapper around `strategy` (or `strategy` itself)."""
+def dp_wrapper(cfg: Config, num_sampled: int) -> Callable[[Strategy], Strategy]:
+    """Wrap a Flower strategy in the configured Flower DP wrapper (identity without DP)."""
     p = cfg.privacy
     if p.dp not in CENTRAL_DP:
-        return strategy  # type: ignore[return-value]
-    wrapper = _screen_first(WRAPPERS[p.dp])
+        return lambda strategy: strategy
+    wrapper = WRAPPERS[p.dp]
     if p.dp.endswith("fixed"):
-        return wrapper(strategy, p.noise_multiplier, p.clipping_norm, num_sampled)
-    return wrapper(strategy, p.noise_multiplier, num_sampled,
-                   initial_clipping_norm=p.clipping_norm,
-                   target_clipped_quantile=p.target_clipped_quantile,
-                   clip_norm_lr=p.clip_norm_lr,
-                   clipped_count_stddev=p.clipped_count_stddev or None)
+        return lambda strategy: wrapper(strategy, p.noise_multiplier, p.clipping_norm,
+                                        num_sampled)
+    return lambda strategy: wrapper(strategy, p.noise_multiplier, num_sampled,
+                                    initial_clipping_norm=p.clipping_norm,
+                                    target_clipped_quantile=p.target_clipped_quantile,
+                                    clip_norm_lr=p.clip_norm_lr,
+                                    clipped_count_stddev=p.clipped_count_stddev or None)
 
 
 def privacy_metrics(cfg: Config, releases: int, stats: RoundStats) -> dict[str, float]:

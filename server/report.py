@@ -25,27 +25,29 @@ from pathlib import Path
 from common.adapter import apply_base_residuals, set_adapter_state
 from common.config import Config, to_json
 from common.data import Encoded
+from common.files import write_json_atomic
 from common.model import Bundle, backbone_bytes, save_adapter
 from common.train import evaluate
 from server.checkpoint import save_strategy_state, write_meta
 from server.privacy import privacy_metrics
-from server.strategy import RoundStats
+from server.strategy import RoundStats, ScreenedStrategy, StrategyState
 
 log = logging.getLogger("fedmm.server")
 
 
 def save_adapter_atomic(bundle: Bundle, out_dir: Path, residuals: dict | None = None,
-                        strategy: object | None = None, server_round: int | None = None) -> Path:
+                        state: StrategyState | None = None, server_round: int | None = None
+                        ) -> Path:
     """Write an adapter folder so that a reader sees the old one or the new one, never half.
 
-    With `strategy` and `server_round` it is a checkpoint: strategy state and checkpoint.json
+    With `state` and `server_round` it is a checkpoint: strategy state and checkpoint.json
     are written inside the temp folder before the rename.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     save_adapter(bundle, tmp, residuals)
-    if strategy is not None:
-        save_strategy_state(strategy, tmp)
+    if state is not None:
+        save_strategy_state(state, tmp)
     if server_round is not None:
         write_meta(tmp, server_round)
     old = out_dir.with_name(f".{out_dir.name}-old")
@@ -56,22 +58,13 @@ def save_adapter_atomic(bundle: Bundle, out_dir: Path, residuals: dict | None = 
     return out_dir
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON via a temp file and rename."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 class RunRecorder:
     """Evaluates the global adapter each round and writes everything a run leaves behind."""
 
     def __init__(self, cfg: Config, run_dir: Path, bundle: Bundle, test: Encoded,
-                 round_stats: dict[int, RoundStats], strategy: object | None = None,
-                 resume_round: int = 0):
+                 strategy: ScreenedStrategy, resume_round: int = 0):
         self.cfg, self.run_dir, self.bundle, self.test = cfg, run_dir, bundle, test
-        self.round_stats, self.strategy = round_stats, strategy
-        self.residuals: dict = dict(getattr(strategy, "residuals", None) or {})
+        self.round_stats, self.strategy = strategy.round_stats, strategy
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(json.loads(to_json(cfg)), indent=2))
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -80,12 +73,10 @@ class RunRecorder:
         self.rows = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in self.rows]
         self.started = time.monotonic() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
 
-    def evaluate_round(self, server_round: int, state: dict,
-                       residuals: dict | None = None) -> dict[str, float]:
+    def evaluate_round(self, server_round: int, state: dict) -> dict[str, float]:
         """Load the global adapter, evaluate it on the test split, save it, log one line."""
         set_adapter_state(self.bundle.model, state)
-        self.residuals = dict(residuals or {})
-        apply_base_residuals(self.bundle.model, self.residuals)
+        apply_base_residuals(self.bundle.model, self.strategy.state.residuals)
         result = evaluate(self.bundle, self.test)
         stats = self.round_stats.get(server_round, RoundStats())
         row = {"round": server_round, "sampled": stats.sampled, "replied": stats.replied,
@@ -93,21 +84,23 @@ class RunRecorder:
                "train_loss": stats.train_loss, "test_loss": result["loss"],
                "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"],
                "elapsed_s": round(time.monotonic() - self.started, 2),
-               **privacy_metrics(self.cfg, getattr(self.strategy, "dp_releases", 0), stats)}
+               **privacy_metrics(self.cfg, self.strategy.state.dp_releases, stats)}
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in row.items()}) + "\n")
         if server_round > 0:
             save_adapter_atomic(self.bundle, self.run_dir / "adapters" / f"round-{server_round:03d}",
-                                self.residuals, self.strategy, server_round)
+                                self.strategy.state.residuals, self.strategy.snapshot(),
+                                server_round)
         print(progress_line(row, self.cfg.strategy.rounds), flush=True)
         return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
                 "test_macro_f1": result["macro_f1"]}
 
     def finish(self, num_clients: int) -> dict:
         """Save the final adapter and write summary.json."""
-        adapter_dir = save_adapter_atomic(self.bundle, self.run_dir / "adapter", self.residuals)
+        adapter_dir = save_adapter_atomic(self.bundle, self.run_dir / "adapter",
+                                          self.strategy.state.residuals)
         shutil.copy(self.run_dir / "config.json", adapter_dir / "config.json")  # self-contained
         last = self.rows[-1]
         trained = [r for r in self.rows if r["round"] > 0]

@@ -42,14 +42,13 @@ log = logging.getLogger("fedmm.server")
 class SecAggFedAvg(LegacyFedAvg):
     """Legacy FedAvg over SecAgg+ sums of adapter updates; keeps fedmm's round stats."""
 
-    def __init__(self, *, initial: dict[str, np.ndarray], round_config: dict,
-                 round_stats: dict[int, RoundStats],
+    def __init__(self, *, initial: dict[str, np.ndarray], round_stats: dict[int, RoundStats],
                  evaluate_round: Callable[[int, dict[str, np.ndarray]], dict[str, float]],
                  max_weight: float, clipping_range: float, quantization_range: int, **kwargs):
         super().__init__(fraction_evaluate=0.0, **kwargs)
         self.names = list(initial)  # legacy Parameters are unnamed: this fixes the order
         self.global_state = dict(initial)
-        self.round_config, self.round_stats = round_config, round_stats
+        self.round_stats = round_stats
         self.evaluate_round = evaluate_round
         self.max_weight, self.clipping_range = max_weight, clipping_range
         self.quantization_range = quantization_range
@@ -59,8 +58,7 @@ class SecAggFedAvg(LegacyFedAvg):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        config = {**self.round_config, keys.SERVER_ROUND: server_round,
-                  keys.ARRAY_KEYS: self.names}
+        config = {keys.SERVER_ROUND: server_round, keys.ARRAY_KEYS: self.names}
         self.on_fit_config_fn = lambda _round: config
         pairs = super().configure_fit(server_round, parameters, client_manager)
         self.round_stats[server_round] = RoundStats(sampled=len(pairs))
@@ -105,13 +103,12 @@ class SecAggFedAvg(LegacyFedAvg):
 
 
 def run_secagg(grid: Grid, context: Context, cfg: Config, initial: dict[str, np.ndarray],
-               round_config: dict, round_stats: dict[int, RoundStats],
+               round_stats: dict[int, RoundStats],
                evaluate_round: Callable[[int, dict[str, np.ndarray]], dict[str, float]]) -> None:
     """Run all rounds through Flower's DefaultWorkflow with a SecAgg+ fit workflow."""
     p, s = cfg.privacy, cfg.strategy
     strategy = SecAggFedAvg(
-        initial={k: v.copy() for k, v in initial.items()}, round_config=round_config,
-        round_stats=round_stats, evaluate_round=evaluate_round, max_weight=p.max_weight,
+        initial={k: v.copy() for k, v in initial.items()}, round_stats=round_stats, evaluate_round=evaluate_round, max_weight=p.max_weight,
         clipping_range=p.clipping_range, quantization_range=p.quantization_range,
         fraction_fit=s.fraction_train, min_fit_clients=s.min_train_nodes,
         min_available_clients=s.min_available_nodes)

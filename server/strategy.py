@@ -1,8 +1,9 @@
-"""Flower strategies over screened, LoRA-aware aggregation.
+"""fedmm's strategy: a Flower strategy behind reply screening and LoRA-aware aggregation.
 
-Every strategy is Flower's own (FedAvg, FedProx, FedAdam, FedYogi, FedAvgM, FedMedian,
-FedTrimmedAvg, Krum, MultiKrum) with `ScreenedAggregation` in front, plus `NormBoundedFedAvg`
-which Flower lacks. Before any aggregation each reply is screened (keys, shapes, dtype, NaN/Inf,
+`ScreenedStrategy` wraps the configured Flower strategy (FedAvg, FedProx, FedAdam, FedYogi,
+FedAvgM, FedMedian, FedTrimmedAvg, Krum, MultiKrum, or `NormBoundedFedAvg`, which Flower lacks;
+behind one of Flower's central-DP wrappers when DP is on), the way Flower's own DP wrappers
+wrap a strategy. Before any aggregation each reply is screened (keys, shapes, dtype, NaN/Inf,
 num-examples, update norm): a bad one is dropped with a logged reason and counted, the round
 goes on with the rest, and the global state is never touched by it.
 
@@ -11,6 +12,7 @@ LoRA modes (`strategy.lora_aggregation`, math in common/lora_math.py):
   ffa    sites freeze A (shared seed) and upload the rest; the server re-inserts the global A.
   exact  FedEx-LoRA: mean A, mean B, and the residual mean(s·B_k·A_k) - s·mean(B)·mean(A)
          folded into the frozen base weights, sent to sites beside the adapter.
+What aggregation carries across rounds is one `StrategyState` (server/checkpoint.py saves it).
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
-                                     FedTrimmedAvg, FedYogi, Krum, MultiKrum)
+from flwr.serverapp import strategy as flower
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
 from common.adapter import rejection_reason
-from common.config import MEAN_STRATEGIES, StrategyConfig
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, delta_w, lora_pairs,
                               norm_bounded_mean, pair_rank_problem, refactor, reweight_towers,
                               update_norm)
+from common.rules import value_at
+from common.schema import CENTRAL_DP, Config, StrategyConfig
+from common.strategies import LORA_MODES, traits
+from server.flower_state import (aggregate_train_metrics, read_optimizer_state,
+                                 write_optimizer_state)
 
 log = logging.getLogger("fedmm.server")
 
@@ -45,6 +51,17 @@ class RoundStats:
     site_epsilon: float = float("nan")  # local DP-SGD: the largest ε a site reported
     secagg_bound: float = float("nan")  # SecAgg+: per-coordinate bound vs plaintext FedAvg
     reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StrategyState:
+    """What aggregation carries from round to round; every checkpoint saves and restores it."""
+
+    residuals: dict[str, np.ndarray] = field(default_factory=dict)  # exact: base-weight residual
+    global_delta: dict[str, np.ndarray] = field(default_factory=dict)  # ranks: dense ΔW per layer
+    node_ranks: dict[int, int] = field(default_factory=dict)  # each site's rank, from replies
+    dp_releases: int = 0  # central DP: noised aggregates released so far (the accountant state)
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # Flower's (flower_state.py)
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -69,22 +86,26 @@ def shift_rounds(evaluate_fn: Callable | None, offset: int) -> Callable | None:
     return shifted
 
 
-class ScreenedAggregation:
-    """Mixin in front of a Flower strategy: screen, count and log replies; LoRA modes."""
+class ScreenedStrategy(Strategy):
+    """Screen, count and log replies, then aggregate with the inner Flower strategy (LoRA-aware)."""
 
-    reference: dict[str, tuple[int, ...]]
-    round_stats: dict[int, RoundStats]
-    lora_mode: str = "naive"
-    lora_alpha: float = 1.0
-    lora_rank: int = 1
-    rank_flexible: bool = False  # mean + naive: sites may train LoRA of their own rank
-    modality_weighting: bool = False  # mean: each tower averaged over rows with its modality
-    max_update_norm: float = 0.0
-    node_ranks: dict[int, int]  # learned from replies
-    global_delta: dict[str, np.ndarray]  # heterogeneous ranks: dense aggregated ΔW per layer
-    residuals: dict[str, np.ndarray]  # exact mode: cumulative base-weight residual per layer
-    global_state: dict[str, np.ndarray]
-    round_offset: int = 0  # a resumed run: rounds completed before this ServerApp started
+    def __init__(self, inner: Strategy, cfg: StrategyConfig, initial: ArrayRecord,
+                 lora_alpha: float, central_dp: bool = False):
+        self.inner, self.cfg, self.central_dp = inner, cfg, central_dp
+        self.traits, self.lora_mode = traits(cfg.name), LORA_MODES[cfg.lora_aggregation]
+        self.reference = {k: tuple(v.shape) for k, v in initial.items()}
+        self.global_state = _numpy(initial)
+        a_key = next((k for k in self.reference if ".lora_A." in k), None)
+        self.lora_rank = self.reference[a_key][0] if a_key else 1
+        self.lora_alpha = lora_alpha
+        self.rank_flexible = self.traits.linear and cfg.lora_aggregation == "naive"
+        self.modality_weighting = cfg.modality_weighting and self.traits.linear and not central_dp
+        self.state = StrategyState()
+        self.round_stats: dict[int, RoundStats] = {}
+        self.round_offset = 0  # a resumed run: rounds completed before this ServerApp started
+
+    def summary(self) -> None:
+        self.inner.summary()
 
     def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int,
               start_round: int = 1, evaluate_fn: Callable | None = None, **kwargs):
@@ -94,39 +115,47 @@ class ScreenedAggregation:
         and checkpoints see rounds start_round..num_rounds.
         """
         self.round_offset = start_round - 1
-        return super().start(grid=grid, initial_arrays=initial_arrays,  # type: ignore[misc]
+        return super().start(grid=grid, initial_arrays=initial_arrays,
                              num_rounds=num_rounds - self.round_offset,
                              evaluate_fn=shift_rounds(evaluate_fn, self.round_offset), **kwargs)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.round_offset, arrays,  # type: ignore[misc]
-                                          config, grid)
+    def snapshot(self) -> StrategyState:
+        """The state to checkpoint, Flower's server-optimizer state included."""
+        self.state.optimizer = read_optimizer_state(self.inner, self.traits.server_state)
+        return self.state
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return super().aggregate_evaluate(server_round + self.round_offset, replies)  # type: ignore[misc]
-    prescreened_round: int = -1  # a DP wrapper screened this round's replies already
-    dp_releases: int = 0  # central DP: noised aggregates released so far (the accountant state)
+    def restore(self, state: StrategyState) -> None:
+        """Continue from a checkpointed state (a fresh strategy built from the same config)."""
+        self.state = state
+        write_optimizer_state(self.inner, state.optimizer)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self.global_state = _numpy(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         for msg in messages:
-            rank = self.node_ranks.get(msg.metadata.dst_node_id, self.lora_rank)
-            if rank != self.lora_rank and self.global_delta:  # FlexLoRA: the site's own rank
+            rank = self.state.node_ranks.get(msg.metadata.dst_node_id, self.lora_rank)
+            if rank != self.lora_rank and self.state.global_delta:  # FlexLoRA: site's own rank
                 msg.content = RecordDict({keys.ARRAYS: _record(self.arrays_for_rank(rank)),
                                           keys.CONFIG: msg.content[keys.CONFIG]})
-            if self.residuals:
-                msg.content[keys.BASE_RESIDUALS] = _record(self.residuals)
+            if self.state.residuals:
+                msg.content[keys.BASE_RESIDUALS] = _record(self.state.residuals)
         self.round_stats[server_round] = RoundStats(sampled=len(messages))
         return messages
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config,
+                                             grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+
     def expected_keys(self) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a site uploads (ffa sites keep A to themselves)."""
-        if self.lora_mode == "ffa":
+        if not self.lora_mode.uploads_a:
             return {k: s for k, s in self.reference.items() if ".lora_A." not in k}
         return self.reference
 
@@ -134,7 +163,7 @@ class ScreenedAggregation:
         """The global adapter with every LoRA pair re-factored from the dense ΔW at `rank`."""
         state = dict(self.global_state)
         for prefix, (a_key, b_key) in lora_pairs(state).items():
-            state[b_key], state[a_key] = refactor(self.global_delta[prefix], rank,
+            state[b_key], state[a_key] = refactor(self.state.global_delta[prefix], rank,
                                                   self.lora_alpha / rank)
         return state
 
@@ -144,10 +173,10 @@ class ScreenedAggregation:
         expected, kept = self.expected_keys(), []
         for msg in replies:
             reason = _reply_problem(msg, expected, self.rank_flexible)
-            if reason is None and self.max_update_norm > 0:
+            if reason is None and self.cfg.max_update_norm > 0:
                 state = _numpy(msg.content[keys.ARRAYS])
                 norm = update_norm(state, {k: self.global_state[k] for k in state})
-                if norm > self.max_update_norm:
+                if norm > self.cfg.max_update_norm:
                     reason = f"update norm {norm:.3g} exceeds strategy.max_update_norm"
             if reason is not None:
                 stats.rejected += 1
@@ -156,11 +185,13 @@ class ScreenedAggregation:
                             msg.metadata.src_node_id, reason)
                 continue
             stats.bytes_uploaded += msg.content[keys.ARRAYS].count_bytes()
-            self.node_ranks[msg.metadata.src_node_id] = self._rank(msg)
-            if self.lora_mode == "ffa":
+            self.state.node_ranks[msg.metadata.src_node_id] = self._rank(msg)
+            if not self.lora_mode.uploads_a:
                 record = msg.content[keys.ARRAYS]
                 for k in self.reference.keys() - record.keys():
                     record[k] = Array(self.global_state[k])
+            if self.central_dp:  # the noise's sensitivity C/m needs an unweighted mean
+                msg.content[keys.METRICS][keys.NUM_EXAMPLES] = 1
             kept.append(msg)
         stats.replied = len(kept)
         note_site_epsilon(stats, [m.content[keys.METRICS] for m in kept])
@@ -169,26 +200,26 @@ class ScreenedAggregation:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        kept = (list(replies) if server_round == self.prescreened_round
-                else self.screen(server_round, replies))
-        minimum = getattr(self, "min_train_nodes", 1)
-        if 0 < len(kept) < minimum:  # too few valid updates: keep the global adapter
+        kept = self.screen(server_round, replies)
+        if 0 < len(kept) < self.cfg.min_train_nodes:  # too few valid updates: keep the global
             log.warning("round %d: only %d valid update(s), fewer than min_train_nodes=%d; "
                         "round skipped, global adapter unchanged", server_round, len(kept),
-                        minimum)
+                        self.cfg.min_train_nodes)
             self.round_stats[server_round].reasons.append("round skipped: too few valid updates")
             self.round_stats[server_round].replied = 0
             return None, None
-        heterogeneous = set(self.node_ranks.values()) | {self._rank(m) for m in kept}
-        if self.lora_mode == "exact" and kept:
+        heterogeneous = set(self.state.node_ranks.values()) | {self._rank(m) for m in kept}
+        if not self.lora_mode.linear and kept:
             arrays, metrics = self.aggregate_exact(kept)
         elif kept and self.rank_flexible and heterogeneous != {self.lora_rank}:
             arrays, metrics = self.aggregate_ranks(kept)
         else:
-            arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+            arrays, metrics = self.inner.aggregate_train(server_round, kept)
             if arrays is not None and self.modality_weighting:
                 arrays = self.weight_towers_by_modality(arrays, kept)
-        if arrays is not None and self.lora_mode == "ffa":  # A stays frozen, bit for bit
+            if arrays is not None and self.central_dp:
+                self.state.dp_releases += 1
+        if arrays is not None and not self.lora_mode.uploads_a:  # A stays frozen, bit for bit
             for k in self.reference.keys() - self.expected_keys().keys():
                 arrays[k] = Array(self.global_state[k])
         if metrics is not None and keys.TRAIN_LOSS in metrics:
@@ -221,14 +252,13 @@ class ScreenedAggregation:
         state, errors = aggregate_heterogeneous(states, weights, scalings, self.lora_rank,
                                                 self.lora_alpha / self.lora_rank)
         p = weights / weights.sum()
-        self.global_delta = {prefix: sum(pk * delta_w(s, prefix, sk) for pk, s, sk in
-                                         zip(p, states, scalings)).astype(np.float32)
-                             for prefix in lora_pairs(states[0])}
+        self.state.global_delta = {prefix: sum(pk * delta_w(s, prefix, sk) for pk, s, sk in
+                                               zip(p, states, scalings)).astype(np.float32)
+                                   for prefix in lora_pairs(states[0])}
         log.info("heterogeneous ranks %s: worst rank-%d truncation error %.3g",
                  sorted({self._rank(m) for m in kept}), self.lora_rank,
                  max(errors.values(), default=0.0))
-        metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)  # type: ignore[attr-defined]
-        return _record(state), metrics
+        return _record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
 
     def aggregate_exact(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FedEx-LoRA: average the factors, fold the residual into the base weights."""
@@ -236,9 +266,8 @@ class ScreenedAggregation:
         weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
         state, residual = aggregate_exact(states, weights, self.lora_alpha / self.lora_rank)
         for prefix, r in residual.items():
-            self.residuals[prefix] = self.residuals.get(prefix, 0) + r
-        metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)  # type: ignore[attr-defined]
-        return _record(state), metrics
+            self.state.residuals[prefix] = self.state.residuals.get(prefix, 0) + r
+        return _record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
 
 
 def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
@@ -278,7 +307,15 @@ def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
 class NormBoundedFedAvg(FedAvg):
     """FedAvg of updates clipped to a norm bound (default: the round's median update norm)."""
 
-    norm_bound: float = 0.0
+    def __init__(self, *, norm_bound: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.norm_bound = norm_bound
+        self.current: dict[str, np.ndarray] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current = _numpy(arrays)  # the global adapter the updates are measured from
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -287,52 +324,34 @@ class NormBoundedFedAvg(FedAvg):
             return None, None
         states = [_numpy(m.content[keys.ARRAYS]) for m in replies]
         weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in replies]
-        state, bound = norm_bounded_mean(states, weights, self.global_state,  # type: ignore[attr-defined]
-                                         self.norm_bound or None)
+        state, bound = norm_bounded_mean(states, weights, self.current, self.norm_bound or None)
         log.info("round %d: updates clipped to norm %.4g", server_round, bound)
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
         return _record(state), metrics
 
 
-def _screened(base: type) -> type:
-    return type(f"Screened{base.__name__}", (ScreenedAggregation, base), {})
+def strategy_args(cfg: Config) -> dict:
+    """The configured Flower strategy's constructor arguments (its traits map them to keys)."""
+    s = cfg.strategy
+    args = {arg: value_at(cfg, key) for arg, key in traits(s.name).args}
+    args["min_evaluate_nodes"] = min(s.min_train_nodes, s.min_available_nodes)
+    if s.name == "normbounded":
+        args["norm_bound"] = s.norm_bound
+    return args
 
 
-FLOWER_STRATEGIES: dict[str, type] = {
-    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-    "fedavgm": FedAvgM, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
-    "multikrum": MultiKrum, "normbounded": NormBoundedFedAvg}
+def flower_class(name: str) -> type[Strategy]:
+    """The Flower strategy class a strategy name stands for (or fedmm's NormBoundedFedAvg)."""
+    cls_name = traits(name).flower
+    return NormBoundedFedAvg if cls_name == "NormBoundedFedAvg" else getattr(flower, cls_name)
 
 
-def strategy_args(cfg: StrategyConfig) -> dict:
-    """The constructor arguments of the configured Flower strategy."""
-    args: dict = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-                      min_train_nodes=cfg.min_train_nodes,
-                      min_evaluate_nodes=min(cfg.min_train_nodes, cfg.min_available_nodes),
-                      min_available_nodes=cfg.min_available_nodes)
-    extra = {"fedprox": dict(proximal_mu=cfg.proximal_mu),
-             "fedadam": dict(eta=cfg.server_lr, eta_l=cfg.lr),
-             "fedyogi": dict(eta=cfg.server_lr, eta_l=cfg.lr),
-             "fedavgm": dict(server_learning_rate=cfg.server_lr,
-                             server_momentum=cfg.server_momentum),
-             "fedtrimmedavg": dict(beta=cfg.trim_fraction),
-             "krum": dict(num_malicious_nodes=cfg.num_malicious),
-             "multikrum": dict(num_malicious_nodes=cfg.num_malicious,
-                               num_nodes_to_select=cfg.num_to_keep)}
-    return {**args, **extra.get(cfg.name, {})}
+def make_strategy(cfg: Config, initial: ArrayRecord,
+                  wrap: Callable[[Strategy], Strategy] = lambda s: s) -> ScreenedStrategy:
+    """The configured strategy: Flower's (wrapped by `wrap`: central DP) behind screening.
 
-
-def make_strategy(cfg: StrategyConfig, initial: ArrayRecord, lora_alpha: float = 1.0
-                  ) -> ScreenedAggregation:
-    """Build the configured strategy; `initial` fixes the keys and shapes replies must have."""
-    strategy = _screened(FLOWER_STRATEGIES[cfg.name])(**strategy_args(cfg))
-    strategy.reference = {k: tuple(v.shape) for k, v in initial.items()}
-    strategy.round_stats, strategy.residuals, strategy.node_ranks = {}, {}, {}
-    strategy.global_state, strategy.global_delta = _numpy(initial), {}
-    a_key = next((k for k in strategy.reference if ".lora_A." in k), None)
-    strategy.lora_rank = strategy.reference[a_key][0] if a_key else 1
-    strategy.lora_mode, strategy.lora_alpha = cfg.lora_aggregation, lora_alpha
-    strategy.rank_flexible = cfg.name in MEAN_STRATEGIES and cfg.lora_aggregation == "naive"
-    strategy.modality_weighting = cfg.modality_weighting and cfg.name in MEAN_STRATEGIES
-    strategy.max_update_norm, strategy.norm_bound = cfg.max_update_norm, cfg.norm_bound
-    return strategy
+    `initial` fixes the keys and shapes replies must have.
+    """
+    inner = wrap(flower_class(cfg.strategy.name)(**strategy_args(cfg)))
+    return ScreenedStrategy(inner, cfg.strategy, initial, cfg.model.lora.alpha,
+                            central_dp=cfg.privacy.dp in CENTRAL_DP)

@@ -10,6 +10,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from common.config import ConfigError, load_config
+from common.rules import value_at
 from common.privacy import (epsilon, num_sampled_sites, resolve_noise_multiplier,
                             secagg_error_bound, solve_noise_multiplier)
 
@@ -90,9 +91,9 @@ def test_secagg_mean_of_flowers_quantised_uploads_is_within_the_bound(seed):
     (["privacy.dp=server_fixed"], "privacy.noise_multiplier"),
     (["privacy.dp=gaussian"], "privacy.dp"),
     (["privacy=central_dp", "privacy.delta=0"], "privacy.delta"),
-    (["privacy=local_dp", "strategy.absent_class_scale=0"], "strategy.absent_class_scale"),
-    (["privacy=local_dp", "strategy.modality_dropout_text=0.5"], "strategy.modality_dropout_text"),
-    (["privacy=local_dp", "strategy.max_grad_norm=1"], "strategy.max_grad_norm"),
+    (["privacy=local_dp", "train.absent_class_scale=0"], "train.absent_class_scale"),
+    (["privacy=local_dp", "train.modality_dropout_text=0.5"], "train.modality_dropout_text"),
+    (["privacy=local_dp", "train.max_grad_norm=1"], "train.max_grad_norm"),
     (["privacy=secagg", "resume=true"], "resume"),
 ])
 def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(overrides, key):
@@ -102,26 +103,33 @@ def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(
     assert message.startswith(key) and "\n" not in message
 
 
-@pytest.mark.parametrize("overrides", [
-    ["privacy=secagg"], ["privacy=secagg", "strategy=fedprox", "strategy.proximal_mu=0.1"],
-    ["privacy=secagg", "strategy.lora_aggregation=ffa"], ["privacy=central_dp"],
-    ["privacy=central_dp", "privacy.dp=client_adaptive"], ["privacy=local_dp"],
-    ["privacy=local_dp", "privacy.secagg=true"],
+@pytest.mark.parametrize("overrides, expected", [
+    (["privacy=secagg"], {"privacy.secagg": True, "privacy.dp": "none"}),
+    (["privacy=secagg", "strategy=fedprox", "train.proximal_mu=0.1"],
+     {"privacy.secagg": True, "strategy.name": "fedprox", "train.proximal_mu": 0.1}),
+    (["privacy=secagg", "strategy.lora_aggregation=ffa"],
+     {"privacy.secagg": True, "strategy.lora_aggregation": "ffa"}),
+    (["privacy=central_dp"], {"privacy.dp": "server_fixed", "privacy.target_epsilon": 8.0}),
+    (["privacy=central_dp", "privacy.dp=client_adaptive"], {"privacy.dp": "client_adaptive"}),
+    (["privacy=local_dp"], {"privacy.dp": "local", "privacy.secagg": False}),
+    (["privacy=local_dp", "privacy.secagg=true"], {"privacy.dp": "local", "privacy.secagg": True}),
 ])
-def test_linear_modes_compose_with_privacy(overrides):
-    load_config(overrides)
+def test_linear_modes_compose_with_privacy(overrides, expected):
+    cfg = load_config(overrides)
+    assert {key: value_at(cfg, key) for key in expected} == expected
 
 
 def test_central_dp_accountant_state_survives_a_checkpoint():
     from flwr.app import Array, ArrayRecord
 
-    from server.checkpoint import restore_strategy_state, strategy_state
+    from server.checkpoint import state_arrays, state_from_arrays
+    from server.privacy import dp_wrapper
     from server.strategy import make_strategy
 
     cfg = load_config(["privacy=central_dp"])
     initial = ArrayRecord({"head.weight": Array(np.zeros((2, 3), dtype=np.float32))})
-    strategy = make_strategy(cfg.strategy, initial)
-    strategy.dp_releases = 3
-    fresh = make_strategy(cfg.strategy, initial)
-    restore_strategy_state(fresh, strategy_state(strategy))
-    assert fresh.dp_releases == 3
+    strategy = make_strategy(cfg, initial, wrap=dp_wrapper(cfg, 10))
+    strategy.state.dp_releases = 3
+    fresh = make_strategy(cfg, initial, wrap=dp_wrapper(cfg, 10))
+    fresh.restore(state_from_arrays(state_arrays(strategy.snapshot())))
+    assert fresh.state.dp_releases == 3

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -11,15 +9,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from common import keys
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-from common.config import StrategyConfig, load_config
+from common.config import Config
 from server.strategy import make_strategy
+from tests.conftest import strategy_cfg
 
 SHAPES = {"lora_A": (2, 4), "lora_B": (4, 2), "head": (3,)}
 
 
-def _cfg(name: str = "fedavg", **overrides) -> StrategyConfig:
-    base = load_config([f"strategy={name}"]).strategy
-    return replace(base, **{"min_train_nodes": 1, "min_available_nodes": 1, **overrides})
+def _cfg(name: str = "fedavg", **overrides) -> Config:
+    return strategy_cfg(name, **overrides)
 
 
 def _arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:

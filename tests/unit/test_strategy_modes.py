@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common import keys
-from common.config import STRATEGIES, load_config
+from common.config import load_config
+from common.strategies import STRATEGIES
 from server.strategy import make_strategy
+from tests.conftest import start_round, strategy_cfg
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 A, B, HEAD = "m.layer.q.lora_A.weight", "m.layer.q.lora_B.weight", "m.head.weight"
@@ -20,8 +21,7 @@ ALPHA = SCALING * SHAPES[A][0]  # LoRA scaling = alpha / r
 
 
 def _cfg(name: str, **overrides):
-    base = load_config([f"strategy={name}"]).strategy
-    return replace(base, min_train_nodes=1, min_available_nodes=1, **overrides)
+    return strategy_cfg(name, lora_alpha=ALPHA, **overrides)
 
 
 def _record(state):
@@ -40,15 +40,9 @@ def _states(rng, n: int, global_state, spread: float = 0.1):
              for k, v in global_state.items()} for _ in range(n)]
 
 
-def _start(strategy, global_state):
-    """Record the global state as configure_train does at the start of a round."""
-    from flwr.serverapp.strategy import FedAvgM
-
-    strategy.global_state = {k: v.copy() for k, v in global_state.items()}
-    if isinstance(strategy, FedAvgM):  # keeps an ArrayRecord
-        strategy.current_arrays = _record(global_state)
-    elif hasattr(strategy, "current_arrays"):  # the FedOpt family keeps NumPy arrays
-        strategy.current_arrays = {k: v.copy() for k, v in global_state.items()}
+def _start(strategy, global_state, server_round: int = 1):
+    """Start a round from `global_state` through the strategy's real configure_train."""
+    start_round(strategy, server_round, global_state)
 
 
 @pytest.fixture
@@ -61,8 +55,7 @@ def setting():
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_aggregates_screened_replies(name, setting):
     rng, global_state = setting
-    strategy = make_strategy(_cfg(name, num_malicious=1, num_to_keep=2),
-                             _record(global_state), ALPHA)
+    strategy = make_strategy(_cfg(name, num_malicious=1, num_to_keep=2), _record(global_state))
     _start(strategy, global_state)
     states = _states(rng, 5, global_state)
     bad = {**states[0], HEAD: np.full(3, np.nan, np.float32)}
@@ -80,7 +73,7 @@ def test_median_and_trimmed_mean_match_numpy(setting):
         ("fedmedian", lambda x: np.median(x, axis=0)),
         ("fedtrimmedavg", lambda x: np.sort(x, axis=0)[1:-1].mean(axis=0)),  # 0.2 of 5 = 1
     ]:
-        strategy = make_strategy(_cfg(name), _record(global_state), ALPHA)
+        strategy = make_strategy(_cfg(name), _record(global_state))
         _start(strategy, global_state)
         arrays, _ = strategy.aggregate_train(1, [_reply(s, 10) for s in states])
         for k in SHAPES:
@@ -92,7 +85,7 @@ def test_norm_bounded_mean_clips_a_scaled_attacker(setting):
     rng, global_state = setting
     honest = _states(rng, 4, global_state, spread=0.01)
     attacker = {k: global_state[k] + 50 * (honest[0][k] - global_state[k]) for k in SHAPES}
-    strategy = make_strategy(_cfg("normbounded"), _record(global_state), ALPHA)
+    strategy = make_strategy(_cfg("normbounded"), _record(global_state))
     _start(strategy, global_state)
     arrays, _ = strategy.aggregate_train(1, [_reply(s, 10) for s in honest + [attacker]])
     honest_mean = {k: np.mean([s[k] for s in honest], axis=0) for k in SHAPES}
@@ -104,8 +97,7 @@ def test_norm_bounded_mean_clips_a_scaled_attacker(setting):
 
 def test_ffa_accepts_b_only_replies_and_keeps_a_frozen(setting):
     rng, global_state = setting
-    strategy = make_strategy(_cfg("fedavg", lora_aggregation="ffa"), _record(global_state),
-                             ALPHA)
+    strategy = make_strategy(_cfg("fedavg", lora_aggregation="ffa"), _record(global_state))
     _start(strategy, global_state)
     states = [{k: v for k, v in s.items() if k != A} for s in _states(rng, 3, global_state)]
     weights = [5, 10, 20]
@@ -121,15 +113,14 @@ def test_ffa_accepts_b_only_replies_and_keeps_a_frozen(setting):
 
 def test_exact_mode_global_delta_equals_weighted_mean_of_client_deltas(setting):
     rng, global_state = setting
-    strategy = make_strategy(_cfg("fedavg", lora_aggregation="exact"), _record(global_state),
-                             ALPHA)
+    strategy = make_strategy(_cfg("fedavg", lora_aggregation="exact"), _record(global_state))
     _start(strategy, global_state)
     states = _states(rng, 4, global_state, spread=0.5)
     weights = np.array([1.0, 2.0, 3.0, 4.0])
     arrays, _ = strategy.aggregate_train(1, [_reply(s, w) for s, w in zip(states, weights)])
     target = sum(w * SCALING * s[B].astype(np.float64) @ s[A] for w, s in zip(
         weights / weights.sum(), states))
-    got = SCALING * arrays[B].numpy() @ arrays[A].numpy() + strategy.residuals["m.layer.q"]
+    got = SCALING * arrays[B].numpy() @ arrays[A].numpy() + strategy.state.residuals["m.layer.q"]
     assert np.linalg.norm(got - target) / np.linalg.norm(target) < 1e-5
 
 
@@ -142,8 +133,7 @@ def test_exact_mode_refuses_non_mean_strategies():
 
 def test_update_norm_bound_rejects_far_updates(setting):
     rng, global_state = setting
-    strategy = make_strategy(_cfg("fedavg", max_update_norm=1.0), _record(global_state),
-                             ALPHA)
+    strategy = make_strategy(_cfg("fedavg", max_update_norm=1.0), _record(global_state))
     _start(strategy, global_state)
     near = _states(rng, 2, global_state, spread=0.01)
     far = _states(rng, 1, global_state, spread=5.0)
@@ -159,7 +149,7 @@ def _svd_approx(delta: np.ndarray, rank: int) -> np.ndarray:
 
 def test_heterogeneous_ranks_match_numpy_svd_reference(setting):
     rng, global_state = setting
-    strategy = make_strategy(_cfg("fedavg"), _record(global_state), ALPHA)
+    strategy = make_strategy(_cfg("fedavg"), _record(global_state))
     _start(strategy, global_state)
     ranks, weights = [2, 4, 8], np.array([10.0, 20.0, 30.0])
     states = []
@@ -179,7 +169,7 @@ def test_heterogeneous_ranks_match_numpy_svd_reference(setting):
     np.testing.assert_allclose(arrays[HEAD].numpy(), np.average(
         np.stack([s[HEAD] for s in states]), axis=0, weights=weights), rtol=1e-5)
     # A rank-8 site gets rank-8 factors of the dense aggregate, not of the rank-4 global.
-    strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
+    _start(strategy, {k: v.numpy() for k, v in arrays.items()}, server_round=2)
     own = strategy.arrays_for_rank(8)
     assert own[A].shape == (8, 12) and own[B].shape == (10, 8)
     np.testing.assert_allclose((ALPHA / 8) * own[B].astype(np.float64) @ own[A],
@@ -188,7 +178,7 @@ def test_heterogeneous_ranks_match_numpy_svd_reference(setting):
 
 def test_rank_mismatch_inside_a_pair_is_rejected(setting):
     rng, global_state = setting
-    strategy = make_strategy(_cfg("fedavg"), _record(global_state), ALPHA)
+    strategy = make_strategy(_cfg("fedavg"), _record(global_state))
     _start(strategy, global_state)
     bad = {**global_state, A: np.zeros((3, 12), np.float32)}  # B still has rank 4
     arrays, _ = strategy.aggregate_train(1, [_reply(bad, 10)])
@@ -197,7 +187,7 @@ def test_rank_mismatch_inside_a_pair_is_rejected(setting):
 
 def test_robust_strategies_keep_ranks_fixed(setting):
     rng, global_state = setting
-    strategy = make_strategy(_cfg("fedmedian"), _record(global_state), ALPHA)
+    strategy = make_strategy(_cfg("fedmedian"), _record(global_state))
     _start(strategy, global_state)
     other_rank = {HEAD: global_state[HEAD], A: np.zeros((2, 12), np.float32),
                   B: np.zeros((10, 2), np.float32)}
@@ -209,29 +199,28 @@ def test_robust_strategies_keep_ranks_fixed(setting):
                                               ("fedavgm", {}),
                                               ("fedavg", {"lora_aggregation": "exact"})])
 def test_strategy_state_round_trips_through_a_checkpoint(name, overrides, setting, tmp_path):
-    from server.checkpoint import load_strategy_state, restore_strategy_state, save_strategy_state
+    from server.checkpoint import load_strategy_state, save_strategy_state
 
     rng, global_state = setting
-    original = make_strategy(_cfg(name, **overrides), _record(global_state), ALPHA)
+    original = make_strategy(_cfg(name, **overrides), _record(global_state))
     _start(original, global_state)
     arrays, _ = original.aggregate_train(1, [_reply(s, 10) for s in _states(rng, 3, global_state)])
-    original.node_ranks = {2**64 - 5: 8, 17: 4}  # Flower node ids are unsigned 64-bit
-    save_strategy_state(original, tmp_path)
+    original.state.node_ranks = {2**64 - 5: 8, 17: 4}  # Flower node ids are unsigned 64-bit
+    save_strategy_state(original.snapshot(), tmp_path)
     assert (tmp_path / "server_state.safetensors").is_file()
-    resumed = make_strategy(_cfg(name, **overrides), _record(global_state), ALPHA)
-    restore_strategy_state(resumed, load_strategy_state(tmp_path))
-    assert resumed.node_ranks == original.node_ranks
-    round2 = _states(rng, 3, {k: v.numpy() for k, v in arrays.items()})
+    resumed = make_strategy(_cfg(name, **overrides), _record(global_state))
+    resumed.restore(load_strategy_state(tmp_path))
+    assert resumed.state.node_ranks == original.state.node_ranks
+    round1 = {k: v.numpy() for k, v in arrays.items()}
+    round2 = _states(rng, 3, round1)
     for strategy in (original, resumed):
-        strategy.global_state = {k: v.numpy() for k, v in arrays.items()}
-        if name != "fedavgm" and hasattr(strategy, "current_arrays"):
-            strategy.current_arrays = {k: v.numpy() for k, v in arrays.items()}
+        _start(strategy, round1, server_round=2)
     a, _ = original.aggregate_train(2, [_reply(s, 10) for s in round2])
     b, _ = resumed.aggregate_train(2, [_reply(s, 10) for s in round2])
     for k in SHAPES:
         np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
-    fresh = make_strategy(_cfg(name, **overrides), _record(global_state), ALPHA)
-    _start(fresh, {k: v.numpy() for k, v in arrays.items()})
+    fresh = make_strategy(_cfg(name, **overrides), _record(global_state))
+    _start(fresh, round1, server_round=2)
     c, _ = fresh.aggregate_train(2, [_reply(s, 10) for s in round2])
     if name != "fedavg":  # without the moments the next step differs: the state matters
         assert any(not np.array_equal(a[k].numpy(), c[k].numpy()) for k in SHAPES)

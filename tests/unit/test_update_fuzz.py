@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -11,13 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import keys
-from common.config import load_config
 from server.strategy import make_strategy
+from tests.conftest import start_round, strategy_cfg
 
 SHAPES = {"m.q.lora_A.weight": (2, 6), "m.q.lora_B.weight": (5, 2), "m.head.weight": (3,)}
 NAMES = ["fedavg", "fedadam", "fedmedian", "krum", "normbounded"]
-CONFIGS = {name: replace(load_config([f"strategy={name}"]).strategy, min_train_nodes=1,
-                         min_available_nodes=1, num_malicious=0) for name in NAMES}
+CONFIGS = {name: strategy_cfg(name, num_malicious=0) for name in NAMES}
 GLOBAL = {k: np.arange(np.prod(s), dtype=np.float32).reshape(s) / 10 for k, s in SHAPES.items()}
 
 
@@ -55,7 +52,7 @@ def test_malformed_reply_is_rejected_and_global_state_untouched(data, name):
     cfg = CONFIGS[name]
     initial = ArrayRecord({k: Array(v.copy()) for k, v in GLOBAL.items()})
     strategy = make_strategy(cfg, initial)
-    strategy.global_state = {k: v.copy() for k, v in GLOBAL.items()}
+    start_round(strategy, 1, GLOBAL)
     state, examples = _malformed(data.draw)
     instruction = Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=1,
                           message_type="train")
@@ -66,5 +63,8 @@ def test_malformed_reply_is_rejected_and_global_state_untouched(data, name):
     arrays, _ = strategy.aggregate_train(1, [reply])
     assert arrays is None  # nothing to aggregate: the caller keeps the global adapter
     assert strategy.round_stats[1].rejected == 1
-    for k, v in GLOBAL.items():
-        np.testing.assert_array_equal(initial[k].numpy(), v)
+    for k, v in GLOBAL.items():  # the strategy's own copy of the global adapter is untouched
+        np.testing.assert_array_equal(strategy.global_state[k], v)
+    snapshot = strategy.snapshot()  # and nothing of the reply reached the aggregation state
+    assert snapshot.node_ranks == {} and snapshot.residuals == {}
+    assert snapshot.global_delta == {} and snapshot.optimizer == {}
