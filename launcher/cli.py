@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import keys
 from common.certs import CertsError, write_certs
-from server.processes import BIN, QUIET_FLOWER, DeployError, free_port
+from launcher.processes import BIN, QUIET_FLOWER, DeployError, free_port
 
 DEFAULT_PORT = 9093
 
@@ -39,7 +39,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """Run the SuperLink until stopped."""
-    from server.federation import serve
+    from launcher.deployment import serve
 
     if args.insecure == bool(args.certs):
         raise DeployError("give --certs DIR (TLS + node authentication) or --insecure")
@@ -91,7 +91,8 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Submit a run (or resume one) and wait for it."""
-    from server.federation import compose, prepare, train
+    from launcher.deployment import train
+    from launcher.prepare import compose, prepare
 
     if args.insecure == bool(args.ca):
         raise DeployError("give --ca CA_CERT (TLS) or --insecure")

@@ -3,7 +3,7 @@
     serve(...)   flower-superlink with TLS (server.crt/key, ca.crt), SuperNode authentication
                  and a state database; once healthy, registers each site's public key through
                  the Control API (`flwr supernode register`), then runs until stopped.
-    train(...)   composes + validates the Hydra config, then `flwr run APP fedmm --stream` against
+    train(...)   `flwr run APP fedmm --stream` of a prepared config (launcher/prepare.py) against
                  the SuperLink's Control API (TLS with the federation's CA), and reads the run's
                  final status back (`flwr ls`).
 """
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from common import keys
-from server.flwr_cli import FlowerRun, register_node, submit, write_connection, write_run_config
-from server.processes import (BIN, DeployError, flower_env, new_tag, popen_kwargs, teardown,
+from launcher.flwr_cli import FlowerRun, register_node, submit, write_connection, write_run_config
+from launcher.processes import (BIN, DeployError, flower_env, new_tag, popen_kwargs, teardown,
                               wait_healthy)
 
 if TYPE_CHECKING:  # the run side needs torch and Hydra; the server side starts without them
@@ -77,35 +76,6 @@ def serve(*, host: str, port: int, state_dir: Path, certs: Path | None,
         raise DeployError(str(err)) from None
     finally:
         teardown([superlink], tag)
-
-
-def compose(overrides: list[str], resume_dir: Path | None) -> Config:
-    """The run's validated config: Hydra overrides, or the saved config of a run to resume."""
-    from common.config import from_json, load_config
-
-    if resume_dir is not None:
-        saved = resume_dir / "config.json"
-        if not saved.is_file():
-            raise DeployError(f"{saved}: not found; --resume takes a run folder")
-        if overrides:
-            raise DeployError("--resume continues a run with its saved config; "
-                              "drop the overrides")
-        cfg = from_json(saved.read_text())
-        return replace(cfg, resume=True, output_dir=str(resume_dir.resolve()))
-    cfg = load_config(overrides)
-    return replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()),
-                   data=replace(cfg.data, demo_dir=str(Path(cfg.data.demo_dir).resolve())))
-
-
-def prepare(cfg: Config) -> Config:
-    """Generate or check the server's manifests (label set and test split) before submitting."""
-    from common.data import load_manifest
-    from common.task import prepare_manifests
-
-    train, test = prepare_manifests(cfg)
-    load_manifest(train)
-    load_manifest(test)
-    return replace(cfg, data=replace(cfg.data, train=str(train), test=str(test)))
 
 
 def train(cfg: Config, *, superlink: str, ca_cert: Path | None, timeout: float) -> FlowerRun:

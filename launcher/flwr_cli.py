@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.processes import BIN
+from launcher.processes import BIN
 
 FLWR = str(BIN / "flwr")
 

@@ -1,6 +1,6 @@
 """Starting and tearing down Flower's processes (SuperLink, SuperNodes, SuperExec, Ray).
 
-Shared by the simulation launcher (simulations/flower.py), the `fedmm` CLI and the deployment
+Shared by the simulation launcher (launcher/simulation.py), the `fedmm` CLI and the deployment
 tests. Flower and Ray start children in sessions of their own, so every process started here
 carries an environment tag (`FEDMM_SIM_TAG`) that its descendants inherit, and teardown signals
 every process with that tag: nothing survives a test or a launcher, however it ends.
@@ -17,7 +17,10 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 BIN = Path(sys.executable).parent
 TAG = "FEDMM_SIM_TAG"
@@ -57,45 +60,34 @@ def popen_kwargs(env: dict[str, str], cwd: Path) -> dict:
                 preexec_fn=parent_death_signal if sys.platform.startswith("linux") else None)
 
 
-def tagged(match) -> list[int]:
+def tagged(match: Callable[[str], bool]) -> list[int]:
     """PIDs whose environment carries TAG with a value for which `match` is true."""
-    prefix, found = f"{TAG}=".encode(), []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
         try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
+            value = proc.environ().get(TAG)
+        except (psutil.Error, OSError):
             continue
-        if any(e.startswith(prefix) and match(e[len(prefix):].decode()) for e in env):
-            found.append(int(proc.name))
+        if value is not None and match(value):
+            found.append(proc.pid)
     return found
 
 
 def descendants(pid: int) -> list[int]:
     """Every live process below `pid` (children in sessions of their own included)."""
-    parents: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(proc.name))
-    found, todo = [], [pid]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        found += children
-        todo += children
-    return found
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def cmdline(pid: int) -> str:
     """The command line of a process ('' if it is gone)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
@@ -110,7 +102,7 @@ def send(pids: list[int], sig: int) -> None:
 
 def sweep_orphans() -> None:
     """Kill leftovers (Ray agents) of earlier launchers that were themselves killed."""
-    send(tagged(lambda v: not Path(f"/proc/{v.split(':')[0]}").exists()), signal.SIGKILL)
+    send(tagged(lambda v: not psutil.pid_exists(int(v.split(":")[0]))), signal.SIGKILL)
 
 
 def teardown(procs: list[subprocess.Popen], tag: str, grace: float = 10.0) -> None:
@@ -136,7 +128,7 @@ def teardown(procs: list[subprocess.Popen], tag: str, grace: float = 10.0) -> No
         send(pids, signal.SIGTERM)
         time.sleep(0.5)
     send(tagged(lambda v: v == tag), signal.SIGKILL)  # Ray agents ignore SIGTERM
-    send([pid for pid in family if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
+    send([pid for pid in family if psutil.pid_exists(pid)], signal.SIGKILL)
     for proc in procs:
         if proc.poll() is None:
             proc.wait(timeout=5)

@@ -5,7 +5,7 @@
     -> run status from `flwr ls` (the CLI exits 0 even when the ServerApp fails)
 
 Everything started here is torn down on success, failure, timeout or Ctrl-C (process tagging
-and teardown live in server/processes.py, shared with the `fedmm` CLI). Runtime dependency installation is disabled: the app
+and teardown live in launcher/processes.py, shared with the `fedmm` CLI). Runtime dependency installation is disabled: the app
 runs in this virtual environment and nothing is fetched.
 """
 
@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.flwr_cli import FlowerRun, submit, toml_value, write_connection, write_run_config
-from server.processes import (BIN, flower_env, free_port, new_tag, popen_kwargs, sweep_orphans,
+from launcher.flwr_cli import FlowerRun, submit, toml_value, write_connection, write_run_config
+from launcher.processes import (BIN, flower_env, free_port, new_tag, popen_kwargs, sweep_orphans,
                               teardown, wait_healthy)
 
 CONNECTION = "fedmm-sim"

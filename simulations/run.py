@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,14 +25,14 @@ from omegaconf import DictConfig
 
 from common import keys
 from common.config import CONF_DIR, Config, ConfigError, to_json, validate
-from common.data import ManifestError, label_names, load_manifest
-from common.privacy import resolve_noise_multiplier
-from common.partition import label_counts, partition_indices, site_names
+from common.data import ManifestError, load_manifest
+from common.files import write_json_atomic
 from common.model import image_stats
-from common.task import has_skew, prepare_manifests, site_data
-from server.report import write_json_atomic
+from common.partition import label_counts, partition_indices, site_names
+from common.task import has_skew, site_data
+from launcher.prepare import prepare as prepare_run
+from launcher.simulation import run_app
 from simulations.baselines import BASELINES
-from simulations.flower import run_app
 from simulations.partition_report import write_partition_report
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml + packages
@@ -41,18 +40,10 @@ APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.to
 
 def prepare(cfg: Config) -> Config:
     """Resolve paths, generate or check the data, and check the split before any training."""
-    cfg = replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()),
-                  data=replace(cfg.data, demo_dir=str(Path(cfg.data.demo_dir).resolve())))
-    train, test = prepare_manifests(cfg)
-    cfg = replace(cfg, data=replace(cfg.data, train=str(train), test=str(test)))
-    cfg = resolve_noise_multiplier(cfg)  # a target ε: the noise multiplier, before any work
-    if cfg.privacy.dp not in ("none", "local") and cfg.privacy.target_epsilon > 0:
-        print(f"fedmm: noise multiplier {cfg.privacy.noise_multiplier:.4f} reaches "
-              f"ε={cfg.privacy.target_epsilon} at δ={cfg.privacy.delta}", flush=True)
-    train_ds, _ = load_manifest(train)
-    load_manifest(test)
+    cfg = prepare_run(cfg)
+    train_ds, _ = load_manifest(cfg.data.train)
     parts = partition_indices(train_ds, cfg.partition, cfg.seed)
-    names = label_names(train_ds)
+    names = list(cfg.data.labels)
     write_partition_report(Path(cfg.output_dir), names, label_counts(train_ds, parts, names),
                            [len(p) for p in parts], modality=site_skews(cfg, names),
                            site_names=site_names(train_ds, cfg.partition))

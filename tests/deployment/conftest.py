@@ -18,12 +18,12 @@ import pytest
 
 from common.certs import write_certs
 from common.demo_data import generate, split_sites
-from server.processes import (BIN, flower_env, free_port, new_tag, popen_kwargs, tagged,
+from launcher.processes import (BIN, flower_env, free_port, new_tag, popen_kwargs, tagged,
                               teardown)
 from tests.conftest import tiny_overrides
 
 SITES = ("site-a", "site-b", "site-c")
-FEDMM = [sys.executable, "-m", "server.cli"]
+FEDMM = [sys.executable, "-m", "launcher.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 180.0  # SuperLink up, keys registered, all sites online (2 busy cores)
 RUN_TIMEOUT = 600.0
@@ -105,7 +105,7 @@ def federation(tmp_path_factory, tiny_text_dir) -> Federation:
                  "data=manifest", f"data.train={train}", f"data.test={test}",
                  "partition.num_clients=3", "strategy.min_train_nodes=3",
                  "strategy.min_available_nodes=3", "strategy.rounds=2",
-                 "strategy.local_epochs=1", "simulation.timeout_s=300", "device=cpu"]
+                 "train.epochs=1", "simulation.timeout_s=300", "device=cpu"]
     fed = Federation(root, certs, f"127.0.0.1:{port}", new_tag(), sites, test, overrides)
     try:
         server = fed.popen([*FEDMM, "server", "--certs", str(certs), "--host", "127.0.0.1",

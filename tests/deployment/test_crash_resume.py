@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from server.processes import cmdline, descendants, send, teardown
+from launcher.processes import cmdline, descendants, send, teardown
 from tests.deployment.conftest import FEDMM, ROOT, wait_for
 
 

@@ -19,7 +19,7 @@ from common.inference import load_for_inference
 from common.model import read_label_names
 from common.task import load_test_split
 from common.train import evaluate
-from server.processes import BIN, free_port
+from launcher.processes import BIN, free_port
 from tests.deployment.conftest import SITES
 
 REFUSED_WITHIN = ["--max-retries", "1", "--max-wait-time", "30"]

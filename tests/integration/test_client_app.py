@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import common.task
 from client.app import app as client_app
@@ -14,8 +16,8 @@ from common.config import load_config, to_json
 from common.data import load_manifest
 from common.model import backbone_bytes
 from common.partition import partition_indices
-from common.task import cached_bundle, manifest_labels, prepare_manifests
-from server.app import round_config
+from common.task import cached_bundle, resolve_data, site_data
+from common.train import predict
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -23,18 +25,17 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     demo = tmp_path_factory.mktemp("demo")
-    cfg = load_config([f"data.demo_dir={demo}", "data.demo_train=120", "data.demo_test=30",
-                       "partition.num_clients=3", "partition.min_partition_size=5"])
-    train, _ = prepare_manifests(cfg)
-    labels = manifest_labels(train)
+    cfg = resolve_data(load_config([f"data.demo_dir={demo}", "data.demo_train=120",
+                                    "data.demo_test=30", "partition.num_clients=3",
+                                    "partition.min_partition_size=5"]))
+    train, labels = cfg.data.train, cfg.data.labels
     bundle = cached_bundle(cfg.model, labels)
     initial = {k: v.clone() for k, v in adapter_state(bundle.model).items()}
     return cfg, train, labels, initial
 
 
 def _message(cfg, train, labels, initial, kind: str, server_round: int = 1) -> Message:
-    config = round_config(cfg, labels, train)
-    config[keys.SERVER_ROUND] = server_round
+    config = ConfigRecord({keys.SERVER_ROUND: server_round})  # all else is in the run config
     content = RecordDict({keys.ARRAYS: ArrayRecord(initial), keys.CONFIG: config})
     return Message(content, dst_node_id=7, message_type=kind)
 
@@ -76,7 +77,16 @@ def test_evaluate_reports_loss_and_accuracy_on_held_out_rows(setup):
     reply = client_app(_message(cfg, train, labels, initial, "evaluate"),
                        _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
     metrics = reply.content[keys.METRICS]
-    assert 0.0 <= metrics[keys.EVAL_ACCURACY] <= 1.0 and metrics[keys.EVAL_LOSS] > 0
+    bundle = cached_bundle(cfg.model, labels)
+    held_out = site_data(cfg, bundle, train_manifest=train, partition_id=0)[1]
+    parts = partition_indices(load_manifest(train)[0], cfg.partition, cfg.seed)
+    assert metrics[keys.NUM_EXAMPLES] == len(held_out) == round(len(parts[0]) * 0.1)
+    logits = predict(bundle, held_out).numpy()  # the global adapter is still loaded
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    truth = held_out.labels.numpy()
+    assert metrics[keys.EVAL_LOSS] == pytest.approx(-log_p[np.arange(len(truth)), truth].mean(),
+                                                    rel=1e-5)
+    assert metrics[keys.EVAL_ACCURACY] == pytest.approx((logits.argmax(-1) == truth).mean())
 
 
 def test_backbone_is_built_once_across_rounds_and_sites(setup, monkeypatch):
@@ -105,9 +115,9 @@ def test_a_global_adapter_of_the_wrong_shape_is_refused_before_training(setup):
 
 def test_ffa_site_keeps_a_frozen_and_does_not_send_it(setup):
     cfg, train, labels, initial = setup
-    msg = _message(cfg, train, labels, initial, "train")
-    msg.content[keys.CONFIG][keys.FREEZE_LORA_A] = True
-    reply = client_app(msg, _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
+    ffa = replace(cfg, strategy=replace(cfg.strategy, lora_aggregation="ffa"))
+    msg = _message(ffa, train, labels, initial, "train")
+    reply = client_app(msg, _context(ffa, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
     sent = set(reply.content[keys.ARRAYS].keys())
     a_keys = {k for k in initial if ".lora_A." in k}
     assert a_keys and not sent & a_keys and sent == set(initial) - a_keys

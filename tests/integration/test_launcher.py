@@ -5,10 +5,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
-from server.processes import tagged as _tagged
+from launcher.processes import tagged as _tagged
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,13 +19,16 @@ def test_sigterm_mid_run_tears_down_superlink_simulation_and_ray(tmp_path):
          "data.demo_train=200", "data.demo_test=40", "partition.num_clients=2",
          "strategy.rounds=50", f"output_dir={tmp_path / 'run'}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    for line in proc.stdout:  # wait for the federation to be under way (bounded below)
-        if "[fedmm] round   1/" in line or time.monotonic() > deadline:
-            break
+    under_way = threading.Event()
+
+    def watch() -> None:  # the federation is under way once round 1 is reported
+        for line in proc.stdout:
+            if "[fedmm] round   1/" in line:
+                under_way.set()
+    threading.Thread(target=watch, daemon=True).start()
+    assert under_way.wait(timeout=240), "round 1 never finished"
     mine = lambda tag: tag.startswith(f"{proc.pid}:")  # noqa: E731
     assert _tagged(mine), "no Flower/Ray process was running under the launcher"
     proc.send_signal(signal.SIGTERM)
-    proc.stdout.close()
     assert proc.wait(timeout=60) != 0
     assert _tagged(mine) == []

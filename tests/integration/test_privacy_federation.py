@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     def federation(name: str, *overrides: str) -> Path:
         cfg = load_config(["data=manifest", f"data.train={train}", f"data.test={test}",
                            "partition.num_clients=4", "partition.min_partition_size=10",
-                           "strategy.rounds=2", "strategy.local_epochs=1",
+                           "strategy.rounds=2", "train.epochs=1",
                            "strategy.min_train_nodes=3", f"output_dir={root / name}",
                            "simulation.timeout_s=600", *overrides])
         launch(prepare(cfg))

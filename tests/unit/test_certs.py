@@ -50,7 +50,7 @@ def test_existing_keys_are_not_overwritten_without_force(tmp_path):
 
 
 def test_cli_refuses_to_overwrite_with_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "server.cli", "certs", "--out", str(tmp_path),
+    cmd = [sys.executable, "-m", "launcher.cli", "certs", "--out", str(tmp_path),
            "--server-host", "127.0.0.1", "--site", "a"]
     assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

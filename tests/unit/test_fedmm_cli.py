@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from server.cli import parser, site_argv
-from server.federation import superlink_argv
+from launcher.cli import parser, site_argv
+from launcher.deployment import superlink_argv
 
 
 def test_site_runs_a_supernode_with_tls_node_auth_and_its_node_config(tmp_path):
@@ -50,7 +50,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, expected):
     (tmp_path / "train.csv").write_text("image,text,label\n")
     (tmp_path / "ca.crt").write_text("x")
     (tmp_path / "server.key").write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "server.cli",
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli",
                            *[a.format(tmp=tmp_path) for a in args]],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
