@@ -1,6 +1,11 @@
-"""Pretrained towers with one interface: `forward = head(stem(.))`, `out_dim`, `lora_targets`."""
+"""Pretrained modality towers that share one interface: `forward`, `stem`, `head`, `out_dim`."""
 
-from common.towers.image import (EfficientNetTower, HFVisionTower, TimmTower, Tower,
+import os
+
+# Before transformers/huggingface_hub are imported: they read it once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time by default
+
+from common.towers.image import (EfficientNetTower, HFVisionTower, TimmTower, Tower,  # noqa: E402
                                  build_image_tower)
 
 __all__ = ["EfficientNetTower", "HFVisionTower", "TimmTower", "Tower", "build_image_tower"]

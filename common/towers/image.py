@@ -13,7 +13,6 @@ it once per row and reuse it every epoch and round. `build_image_tower(name_or_p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from common.towers.efficientnet_lite import VARIANTS, timm_state_dict
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time by default
 
 EMBEDDED_PREFIX = "embedded:"
 TIMM_PREFIXES = ("timm/", "hf-hub:", "local-dir:")
