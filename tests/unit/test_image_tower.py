@@ -64,17 +64,18 @@ def photos(lite0) -> dict[str, torch.Tensor]:
     return {k: transform(Image.fromarray(v)) for k, v in images.items()}  # (3, 224, 224) each
 
 
-@pytest.fixture(scope="module")
-def imagenet_probs(lite0):
-    """Class probabilities (B, 1000): lite0's features through the packaged classifier."""
-    weights = rename_to_timm(load_packaged("efficientnet-lite0"),
-                             timm.create_model("tf_efficientnet_lite0"))
+def imagenet_probs(tower: EfficientNetTower, variant: str, x: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (B, 1000): the tower's features through its packaged classifier."""
+    weights = rename_to_timm(load_packaged(variant), timm.create_model(VARIANTS[variant][1]))
+    with torch.no_grad():
+        logits = F.linear(tower(x), weights["classifier.weight"], weights["classifier.bias"])
+    return logits.softmax(-1)
 
-    def probs(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            logits = F.linear(lite0(x), weights["classifier.weight"], weights["classifier.bias"])
-        return logits.softmax(-1)  # (B, 1000)
-    return probs
+
+def top5(probs: torch.Tensor) -> list[str]:
+    """ImageNet class names (first synonym) of the five likeliest classes in `probs` (1000,)."""
+    info = ImageNetInfo()
+    return [info.index_to_description(int(i)).split(",")[0] for i in probs.topk(5).indices]
 
 
 # --- the packaged weights and their name map ---------------------------------------------------
@@ -105,23 +106,31 @@ def test_name_map_refuses_any_mismatch_naming_the_key(tamper, named):
         rename_to_timm(source, timm.create_model("tf_efficientnet_lite0"))
 
 
-def test_embedded_weights_classify_sample_photos(photos, imagenet_probs):
-    info = ImageNetInfo()
-    probs = imagenet_probs(torch.stack([photos["china"], photos["flower"]]))  # (2, 1000)
-    names = [[info.index_to_description(int(i)).split(",")[0] for i in p.topk(5).indices]
-             for p in probs]
-    assert BUILDINGS & set(names[0]), names[0]  # china.jpg: a temple among buildings
-    assert names[1][0] == "daisy", names[1]  # flower.jpg
+def test_embedded_weights_classify_sample_photos(lite0, photos):
+    x = torch.stack([photos["china"], photos["flower"]])  # (2, 3, 224, 224)
+    china, flower = (top5(p) for p in imagenet_probs(lite0, "efficientnet-lite0", x))
+    assert BUILDINGS & set(china), china  # a temple among buildings
+    assert flower[0] == "daisy", flower
 
 
-def test_mean_std_half_beats_imagenet_statistics_on_the_flower(lite0, photos, imagenet_probs):
+@pytest.mark.parametrize("variant", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_larger_embedded_variants_see_the_building(photos, variant):
+    # (both read flower.jpg's close-up as "honeycomb"; on other photos they match lite0)
+    tower = build_image_tower(f"embedded:{variant}")
+    assert isinstance(tower, EfficientNetTower) and tower.image_mean == (0.5, 0.5, 0.5)
+    china = top5(imagenet_probs(tower, variant, photos["china"][None])[0])
+    assert china[0] in BUILDINGS, china
+
+
+def test_mean_std_half_beats_imagenet_statistics_on_the_flower(lite0, photos):
     info = ImageNetInfo()
     daisy = next(i for i in range(1000) if info.index_to_description(i) == "daisy")
     raw = photos["flower"] * torch.tensor(lite0.image_std)[:, None, None] + 0.5  # back to [0, 1]
     imagenet = (raw - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(
         IMAGENET_DEFAULT_STD)[:, None, None]
     assert lite0.image_mean == lite0.image_std == (0.5, 0.5, 0.5)
-    probs = imagenet_probs(torch.stack([photos["flower"], imagenet]))[:, daisy]
+    x = torch.stack([photos["flower"], imagenet])  # (2, 3, 224, 224)
+    probs = imagenet_probs(lite0, "efficientnet-lite0", x)[:, daisy]
     assert probs[0] > 2 * probs[1]
 
 
@@ -218,6 +227,11 @@ def test_timm_local_dir_vit_splits_before_its_first_lora_block(tmp_path):
         reference = model.forward_head(model.forward_features(x), pre_logits=True)
         torch.testing.assert_close(tower(x), reference)
         torch.testing.assert_close(tower.head(tower.stem(x)), tower(x), rtol=0, atol=1e-6)
+
+
+def test_unknown_embedded_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="efficientnet-lite0"):
+        build_image_tower("embedded:efficientnet-lite9")
 
 
 def test_timm_family_without_a_known_layout_has_no_split_and_needs_targets():
