@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,18 @@ def test_timm_local_dir_vit_splits_before_its_first_lora_block(tmp_path):
         reference = model.forward_head(model.forward_features(x), pre_logits=True)
         torch.testing.assert_close(tower(x), reference)
         torch.testing.assert_close(tower.head(tower.stem(x)), tower(x), rtol=0, atol=1e-6)
+
+
+def test_mobilenetv3_splits_before_its_last_two_stages():
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050").eval()  # its conv_head runs after pooling
+    tower = TimmTower(copy.deepcopy(model))
+    assert tower.split == len(model.blocks) - 2 and "encoder.conv_head" in tower.lora_targets
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model.forward_head(model.forward_features(x), pre_logits=True)  # (2, 1024)
+        torch.testing.assert_close(tower.head(tower.stem(x)), reference)
+    assert tower.out_dim == reference.shape[1]
 
 
 def test_unknown_embedded_name_lists_the_known_ones():
