@@ -24,7 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from common.towers import EfficientNetTower
+from common.towers.image import EfficientNetTower
 
 NUM_LABELS = 10
 

@@ -89,9 +89,9 @@ def load_site(msg: Message, context: Context) -> Site:
     set_lora_a_trainable(bundle.model, LORA_MODES[cfg.strategy.lora_aggregation].uploads_a)
     node = context.node_config
     if keys.DATA_PATH in node:  # a deployed site: its own manifest, all of it
-        train, val = site_data(cfg, bundle, train_manifest=str(node[keys.DATA_PATH]))
+        train, val = site_data(cfg, train_manifest=str(node[keys.DATA_PATH]))
     else:  # a simulated site: its partition of the shared manifest
-        train, val = site_data(cfg, bundle, train_manifest=str(cfg.data.train),
+        train, val = site_data(cfg, train_manifest=str(cfg.data.train),
                                partition_id=int(node[keys.PARTITION_ID]))
     server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
     seed = cfg.seed * 100_003 + server_round * 1_009 + site_number(context)

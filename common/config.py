@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.rules import check_rules
-from common.schema import (CENTRAL_DP, CONF_DIR, EMBEDDED_TEXT_ENCODER, MODALITIES, Config,
+from common.schema import (CENTRAL_DP, CONF_DIR, MODALITIES, Config,
                            ConfigError, DataConfig, ModelConfig, PartitionConfig,
                            PrivacyConfig, SimulationConfig, SkewConfig, StrategyConfig,
                            TrainConfig)
 
-__all__ = ["CENTRAL_DP", "CONF_DIR", "EMBEDDED_TEXT_ENCODER", "MODALITIES", "Config",
+__all__ = ["CENTRAL_DP", "CONF_DIR", "MODALITIES", "Config",
            "ConfigError", "DataConfig", "ModelConfig", "PartitionConfig", "PrivacyConfig",
            "SimulationConfig", "SkewConfig", "StrategyConfig", "TrainConfig", "from_json",
            "from_run_config", "load_config", "to_json", "validate", "build"]

@@ -48,6 +48,7 @@ class Encoded:
     labels: torch.Tensor  # (N,) int64 class indices
     has_image: torch.Tensor | None = None  # (N,) bool; None: all True
     has_text: torch.Tensor | None = None  # (N,) bool; None: all True
+    stems: dict = field(default_factory=dict, compare=False, repr=False)  # common/stems.py
 
     def __post_init__(self) -> None:
         n = len(self.texts)

@@ -24,9 +24,10 @@ from common.data import Encoded
 from common.model import Bundle
 from common.privacy import local_steps
 from common.schema import TrainConfig
+from common.stems import cached_stems
 from common.train import _autocast, loss_fn, model_inputs, pick_device
 
-UNSUPPORTED = ("text_placeholder", "image_placeholder")  # bare nn.Parameters in the head
+UNSUPPORTED = "placeholders."  # the head's bare nn.Parameters (a ParameterDict)
 
 
 @contextmanager
@@ -34,8 +35,7 @@ def per_sample_clipping(model: nn.Module, optimizer: torch.optim.Optimizer, *,
                         noise_multiplier: float, max_grad_norm: float,
                         expected_batch_size: int) -> Iterator[tuple[nn.Module, DPOptimizer]]:
     """Wrap `model` for per-sample gradients and `optimizer` for clipping + noise; undo after."""
-    frozen = [p for n, p in model.named_parameters()
-              if p.requires_grad and n.rsplit(".", 1)[-1] in UNSUPPORTED]
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and UNSUPPORTED in n]
     for p in frozen:
         p.requires_grad_(False)
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -60,6 +60,7 @@ def train_local_dp(bundle: Bundle, data: Encoded, train: TrainConfig, *,
     """
     batch_size = train.batch_size
     device = device or pick_device()
+    stems = cached_stems(bundle, data, device)  # before Opacus hooks the trainable layers
     model = bundle.model.to(device).train()
     n = len(data)
     rate = min(1.0, batch_size / n)
@@ -82,7 +83,7 @@ def train_local_dp(bundle: Bundle, data: Encoded, train: TrainConfig, *,
                     p.grad_sample = torch.zeros((0, *p.shape), device=device)
             else:
                 with _autocast(device):
-                    logits = wrapped(**model_inputs(bundle, data, idx, device))  # (b, C)
+                    logits = wrapped(**model_inputs(bundle, data, idx, device, None, stems))  # (b, C)
                     loss = loss_fn(logits.float(), labels[idx.to(device)], train)
                 loss.backward()
                 losses.append(loss.item())

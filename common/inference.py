@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from common.config import ConfigError, ModelConfig, build, from_json
 from common.data import ManifestError, _read_rows, encode, load_manifest
-from common.model import Bundle, build_backbone, image_stats, load_adapter, read_label_names
+from common.model import Bundle, build_backbone, load_adapter, read_label_names
+from common.task import image_encoding
 from common.train import evaluate, pick_device, predict
 
 CONFIG_FILE = "config.json"
@@ -77,8 +78,7 @@ def predict_manifest(bundle: Bundle, manifest: str | Path, out_csv: str | Path,
         labelled = _labelled(manifest, bundle.label_names, Path(tmp))
         ds, _ = load_manifest(labelled)
         has_truth = labelled == manifest
-        data = encode(ds, bundle.label_names, bundle.image_size, bundle.image_mean,
-                      bundle.image_std, source=manifest)
+        data = encode(ds, bundle.label_names, *image_encoding(bundle.cfg), source=manifest)
     probs = predict(bundle, data, device=pick_device(device)).softmax(-1)  # (N, C)
     confidence, index = probs.max(-1)  # (N,), (N,)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +96,7 @@ def predict_manifest(bundle: Bundle, manifest: str | Path, out_csv: str | Path,
 def evaluate_manifest(bundle: Bundle, manifest: str | Path, device: str = "auto") -> dict:
     """Loss, accuracy and macro-F1 of the global model on a labelled manifest."""
     ds, _ = load_manifest(manifest)
-    data = encode(ds, bundle.label_names, bundle.image_size, bundle.image_mean,
-                  bundle.image_std, source=manifest)
+    data = encode(ds, bundle.label_names, *image_encoding(bundle.cfg), source=manifest)
     return evaluate(bundle, data, device=pick_device(device))
 
 
@@ -112,8 +111,8 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     (out / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model_config_for(adapter_dir)),
                                                     indent=2))
     (out / "labels.json").write_text(json.dumps(read_label_names(adapter_dir)))
-    if bundle.tokenizer is not None:
-        bundle.tokenizer.save_pretrained(out / "tokenizer")
+    if "text" in bundle.towers:
+        bundle.towers["text"].tokenizer.save_pretrained(out / "tokenizer")
     return out
 
 
@@ -122,10 +121,6 @@ def load_merged(model_dir: str | Path) -> Bundle:
     model_dir = Path(model_dir)
     cfg = _model_config(model_dir / MODEL_CONFIG_FILE)
     names = read_label_names(model_dir)
-    model, extras = build_backbone(cfg, len(names))
+    model, _ = build_backbone(cfg, len(names))
     model.load_state_dict(load_file(str(model_dir / MERGED_FILE)))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mean, std = image_stats(cfg)
-    return Bundle(model, extras["tokenizer"], names, cfg.vision.image_size, mean, std,
-                  cfg.text.max_length)
+    return Bundle(model.requires_grad_(False).eval(), names, cfg)

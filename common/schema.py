@@ -17,7 +17,6 @@ from typing import Any
 from common.strategies import LORA_AGGREGATIONS, STRATEGIES
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-EMBEDDED_TEXT_ENCODER = "embedded:all-MiniLM-L6-v2"
 MODALITIES = ("image", "text")
 DP_MODES = ("none", "server_fixed", "server_adaptive", "client_fixed", "client_adaptive", "local")
 CENTRAL_DP = ("server_fixed", "server_adaptive", "client_fixed", "client_adaptive")
@@ -56,10 +55,10 @@ class TextTowerConfig:
 
 @dataclass(frozen=True)
 class VisionTowerConfig:
-    name_or_path: str | None  # None: a small CNN built from `channels`, trained in full
+    name_or_path: str | None  # embedded:, timm or HF model; None: a small CNN from `channels`
     image_size: int = spec(gt=0)
     channels: tuple[int, ...] = spec(each_gt=0)
-    target_modules: tuple[str, ...] | None
+    target_modules: tuple[str, ...] | None  # None: the tower's defaults; []: frozen tower
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,8 @@ class ModelConfig:
     text: TextTowerConfig
     vision: VisionTowerConfig
     lora: LoraSettings
+    fusion: str = spec(one_of=("concat", "gated", "late"))  # how the head fuses the towers
+    projection_dim: int = spec(ge=0)  # each tower's features projected to this width (0: none)
     fusion_dim: int = spec(gt=0)
     modalities: tuple[str, ...] = spec(subset_of=MODALITIES, nonempty=True)
 

@@ -97,8 +97,15 @@ def has_skew(cfg: Config) -> bool:
     return any(value > 0 for value in astuple(cfg.skew))
 
 
-def site_data(cfg: Config, bundle: Bundle, *, train_manifest: str | Path,
-              partition_id: int | None = None, with_stats: bool = False):
+def image_encoding(cfg: ModelConfig) -> tuple[int, tuple, tuple]:
+    """How images are encoded for this model: (size, mean, std) of its image tower."""
+    from common.towers.image import image_stats
+
+    return (cfg.vision.image_size, *image_stats(cfg.vision.name_or_path))
+
+
+def site_data(cfg: Config, *, train_manifest: str | Path, partition_id: int | None = None,
+              with_stats: bool = False):
     """A site's (train, validation) data: partition `partition_id` of the manifest, or all of it.
 
     Simulated sites also get the configured multimodal skews; `with_stats` adds their realised
@@ -108,15 +115,14 @@ def site_data(cfg: Config, bundle: Bundle, *, train_manifest: str | Path,
     if partition_id is not None:
         rows = tuple(_partitions(str(train_manifest), cfg.partition, cfg.seed)[partition_id])
         skew = cfg.skew if has_skew(cfg) else None
+    size, mean, std = image_encoding(cfg.model)
     train, val, stats = _site_data(
-        str(train_manifest), rows, tuple(bundle.label_names), bundle.image_size,
-        tuple(bundle.image_mean), tuple(bundle.image_std), cfg.seed, skew,
+        str(train_manifest), rows, tuple(cfg.data.labels), size, mean, std, cfg.seed, skew,
         partition_id or 0, cfg.partition.num_clients)
     return (train, val, stats) if with_stats else (train, val)
 
 
-def load_test_split(bundle: Bundle, test_manifest: str | Path) -> Encoded:
+def load_test_split(cfg: Config) -> Encoded:
     """The held-out test split the server evaluates the global model on."""
-    ds = _manifest(str(test_manifest))
-    return encode(ds, bundle.label_names, bundle.image_size, bundle.image_mean, bundle.image_std,
-                  source=str(test_manifest))
+    test = str(cfg.data.test)
+    return encode(_manifest(test), cfg.data.labels, *image_encoding(cfg.model), source=test)

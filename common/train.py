@@ -26,6 +26,7 @@ from torch import nn
 from common.data import Encoded
 from common.model import Bundle
 from common.schema import TrainConfig
+from common.stems import cached_stems
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -43,24 +44,31 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None
 
 
 def model_inputs(bundle: Bundle, data: Encoded, idx: torch.Tensor, device: torch.device,
-                 hidden: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """Tokenise the texts, gather the images and the modality-presence masks of one batch.
+                 hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 stems: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
+    """One batch's tower inputs (cached stem outputs where given) and presence masks.
 
-    `hidden`: (text, image) rows (B,) to treat as missing this step (modality dropout).
+    `hidden`: (text, image) rows (B,) to treat as missing this step (modality dropout);
+    `stems`: `cached_stems` of `data`, used instead of the towers' raw inputs.
     """
     has_text, has_image = data.has_text[idx], data.has_image[idx]  # (B,)
     if hidden is not None:
         has_text, has_image = has_text & ~hidden[0], has_image & ~hidden[1]
-    inputs = {"pixel_values": data.pixel_values[idx].to(device),  # (B, 3, H, W)
-              "image_mask": has_image.to(device),  # (B,)
-              "text_mask": has_text.to(device)}  # (B,)
-    if bundle.tokenizer is not None:
+    stems, towers = stems or {}, bundle.towers
+    inputs = {"image_mask": has_image.to(device), "text_mask": has_text.to(device)}  # (B,)
+    if "image" in stems:
+        inputs["image_stem"] = stems["image"][0][idx].to(device)  # (B, C, h, w)
+    elif "image" in towers:
+        inputs["pixel_values"] = data.pixel_values[idx].to(device)  # (B, 3, H, W)
+    if "text" in stems:
+        stem, mask = stems["text"]
+        mask = mask[idx]  # (B, T_all)
+        length = int(mask.sum(1).max())  # the batch's longest text: as if tokenised alone
+        inputs["text_stem"] = stem[idx][:, :length].to(device)  # (B, T, D)
+        inputs["attention_mask"] = mask[:, :length].to(device)  # (B, T)
+    elif "text" in towers:
         texts = [data.texts[i] if keep else "" for i, keep in zip(idx.tolist(), has_text.tolist())]
-        tok = bundle.tokenizer(texts, padding=True, truncation=True,
-                               max_length=bundle.max_length, return_tensors="pt")
-        inputs["input_ids"] = tok["input_ids"].to(device)  # (B, T)
-        inputs["attention_mask"] = tok["attention_mask"].to(device)  # (B, T)
+        inputs.update({k: v.to(device) for k, v in towers["text"].tokenize(texts).items()})
     return inputs
 
 
@@ -88,9 +96,13 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, train: TrainConfig) -> t
 
 
 def train_local(bundle: Bundle, data: Encoded, train: TrainConfig, *, seed: int = 0,
-                device: torch.device | None = None) -> dict[str, float]:
-    """Train the trainable tensors for `train.epochs` on `data`; return mean loss and counts."""
+                device: torch.device | None = None, cache: bool = True) -> dict[str, float]:
+    """Train the trainable tensors for `train.epochs` on `data`; return mean loss and counts.
+
+    `cache`: run the towers' frozen stems once per row (common/stems.py), not every step.
+    """
     device = device or pick_device()
+    stems = cached_stems(bundle, data, device) if cache else None
     model = bundle.model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if train.proximal_mu > 0 else []
@@ -109,7 +121,8 @@ def train_local(bundle: Bundle, data: Encoded, train: TrainConfig, *, seed: int 
                 hidden = modality_dropout(data.has_text[idx], data.has_image[idx], text_rate,
                                           image_rate, generator)
             with _autocast(device):
-                logits = model(**model_inputs(bundle, data, idx, device, hidden)).float()  # (B, C)
+                logits = model(**model_inputs(bundle, data, idx, device, hidden,
+                                              stems)).float()  # (B, C)
                 loss = loss_fn(logits * scale, labels[idx.to(device)], train)
             objective = loss
             if anchor:  # FedProx: pull the trainable tensors towards the global ones
@@ -148,14 +161,15 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
 
 @torch.no_grad()
 def predict(bundle: Bundle, data: Encoded, batch_size: int = 64,
-            device: torch.device | None = None) -> torch.Tensor:
+            device: torch.device | None = None, cache: bool = True) -> torch.Tensor:
     """Return logits (N, C) for `data`, in order."""
     device = device or pick_device()
     model = bundle.model.to(device).eval()
+    stems = cached_stems(bundle, data, device) if cache else None
     out = []
     for idx in batches(len(data), batch_size):
         with _autocast(device):
-            out.append(model(**model_inputs(bundle, data, idx, device)).float().cpu())
+            out.append(model(**model_inputs(bundle, data, idx, device, None, stems)).float().cpu())
     return torch.cat(out)  # (N, C)
 
 

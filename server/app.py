@@ -43,7 +43,7 @@ def main(grid: Grid, context: Context) -> None:
     done = resume(cfg, bundle, strategy) if cfg.resume else 0
     if done:
         initial = ArrayRecord(adapter_state(bundle.model))
-    test = load_test_split(bundle, cfg.data.test)
+    test = load_test_split(cfg)
     recorder = RunRecorder(cfg, Path(cfg.output_dir), bundle, test, strategy, resume_round=done)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -23,8 +23,8 @@ from common.task import load_test_split, site_data
 from common.train import evaluate, pick_device, train_local
 
 
-def _sites(cfg: Config, bundle) -> list[Encoded]:
-    return [site_data(cfg, bundle, train_manifest=str(cfg.data.train), partition_id=i)[0]
+def _sites(cfg: Config) -> list[Encoded]:
+    return [site_data(cfg, train_manifest=str(cfg.data.train), partition_id=i)[0]
             for i in range(cfg.partition.num_clients)]
 
 
@@ -33,17 +33,16 @@ def centralized(cfg: Config) -> dict[str, float]:
     s = cfg.strategy
     epochs = max(1, round(s.rounds * cfg.train.epochs * s.fraction_train))
     bundle = build_model(cfg.model, list(cfg.data.labels))
-    pooled = _concat(_sites(cfg, bundle))
+    pooled = _concat(_sites(cfg))
     train_local(bundle, pooled, replace(cfg.train, epochs=epochs, proximal_mu=0.0),
                 seed=cfg.seed, device=pick_device(cfg.device))
-    result = evaluate(bundle, load_test_split(bundle, str(cfg.data.test)))
+    result = evaluate(bundle, load_test_split(cfg))
     return {"centralized_accuracy": result["accuracy"], "centralized_macro_f1": result["macro_f1"]}
 
 
 def local(cfg: Config) -> dict[str, float]:
     """Train each site alone; report mean and worst test accuracy over sites."""
-    probe = build_model(cfg.model, list(cfg.data.labels))
-    sites, test = _sites(cfg, probe), load_test_split(probe, str(cfg.data.test))
+    sites, test = _sites(cfg), load_test_split(cfg)
     train = replace(cfg.train, epochs=cfg.strategy.rounds * cfg.train.epochs, proximal_mu=0.0)
     accuracies = []
     for i, data in enumerate(sites):

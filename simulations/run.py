@@ -15,7 +15,6 @@ import json
 import signal
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +26,6 @@ from common import keys
 from common.config import CONF_DIR, Config, ConfigError, to_json, validate
 from common.data import ManifestError, load_manifest
 from common.files import write_json_atomic
-from common.model import image_stats
 from common.partition import label_counts, partition_indices, site_names
 from common.task import has_skew, site_data
 from launcher.prepare import prepare as prepare_run
@@ -54,12 +52,9 @@ def site_skews(cfg: Config, names: list[str]) -> list[dict] | None:
     """Per site: modality availability and realised skews (None when no skew is set)."""
     if not has_skew(cfg):
         return None
-    bundle = SimpleNamespace(label_names=names, image_size=cfg.model.vision.image_size,
-                             image_mean=image_stats(cfg.model)[0],
-                             image_std=image_stats(cfg.model)[1])
     out = []
     for site in range(cfg.partition.num_clients):
-        train, val, stats = site_data(cfg, bundle, train_manifest=str(cfg.data.train),
+        train, val, stats = site_data(cfg, train_manifest=str(cfg.data.train),
                                       partition_id=site, with_stats=True)
         images = float(torch.cat([train.has_image, val.has_image]).float().mean())
         texts = float(torch.cat([train.has_text, val.has_text]).float().mean())

@@ -10,9 +10,9 @@ import torch
 
 from dataclasses import replace
 
-from common.config import EMBEDDED_TEXT_ENCODER, Config, TrainConfig, load_config
+from common.config import Config, TrainConfig, load_config
 from common.data import Encoded
-from common.model import resolve_name_or_path
+from common.towers.text import EMBEDDED_TEXT, resolve_name_or_path
 
 torch.set_num_threads(2)
 LABELS = ["a", "b", "c"]
@@ -33,7 +33,7 @@ def tiny_text_dir(tmp_path_factory) -> Path:
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(out)
-    src = Path(resolve_name_or_path(EMBEDDED_TEXT_ENCODER))
+    src = Path(resolve_name_or_path(next(iter(EMBEDDED_TEXT))))
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(src / name, out / name)
     return out
@@ -88,8 +88,8 @@ def start_round(strategy, server_round: int, global_state: dict, node_ids=(1,)) 
 
 
 def tiny_overrides(text_dir: Path, vision_dir: Path | None = None) -> list[str]:
-    """Hydra overrides that swap in the tiny towers."""
-    out = [f"model.text.name_or_path={text_dir}", "model.fusion_dim=16"]
+    """Hydra overrides that swap in the tiny towers (the small CNN unless `vision_dir`)."""
+    out = ["model=minilm_cnn", f"model.text.name_or_path={text_dir}", "model.fusion_dim=16"]
     if vision_dir is not None:
         out.append(f"model.vision.name_or_path={vision_dir}")
     return out

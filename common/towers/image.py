@@ -121,7 +121,8 @@ class TimmTower(Tower):
         cfg = encoder.pretrained_cfg
         self.image_mean = tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN))
         self.image_std = tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
-        self.lora_targets = resolve_targets(self, lora_targets or default_timm_targets(encoder))
+        wanted = default_timm_targets(encoder) if lora_targets is None else lora_targets
+        self.lora_targets = resolve_targets(self, wanted) if wanted else []  # []: frozen
         self.split = split_index(encoder, self.lora_targets)
         self.eval()
 
@@ -209,6 +210,25 @@ def is_timm_name(name_or_path: str) -> bool:
     if name_or_path.startswith(TIMM_PREFIXES):
         return True
     return not Path(name_or_path).exists() and timm.is_model(name_or_path)
+
+
+def image_stats(name_or_path: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation (mean, std) the named image tower expects, without loading weights.
+
+    None is fedmm's from-scratch CNN (ImageNet statistics, as before pretrained towers).
+    """
+    if name_or_path is None:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        arch = VARIANTS[name_or_path.removeprefix(EMBEDDED_PREFIX)][1]
+        cfg = timm.get_pretrained_cfg(arch)
+        return tuple(cfg.mean), tuple(cfg.std)
+    if is_timm_name(name_or_path):
+        cfg = timm.get_pretrained_cfg(name_or_path.removeprefix("timm/").split(":")[-1])
+        if cfg is not None:
+            return tuple(cfg.mean), tuple(cfg.std)
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    return hf_image_stats(name_or_path)
 
 
 def build_image_tower(name_or_path: str, lora_targets: list[str] | None = None, *,

@@ -16,7 +16,7 @@ from sklearn.datasets import load_sample_images
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo, create_transform
 from torch import nn
 
-from common.towers import EfficientNetTower, TimmTower, build_image_tower
+from common.towers.image import EfficientNetTower, TimmTower, build_image_tower
 from common.towers.efficientnet_lite import VARIANTS, load_packaged, rename_to_timm, timm_names
 
 BUILDINGS = {"monastery", "palace", "bell cote", "church", "mosque", "stupa", "pagoda", "dome",

@@ -19,7 +19,7 @@ from common.lora_math import (
     weighted_mean,
 )
 
-ENC = "base_model.model.text_encoder.encoder.layer.0.attention.self."
+ENC = "base_model.model.towers.text.encoder.encoder.layer.0.attention.self."
 QUERY, VALUE = ENC + "query", ENC + "value"
 HEAD = "base_model.model.head.1.weight"
 A, B = ".lora_A.weight", ".lora_B.weight"

@@ -30,14 +30,15 @@ def _masked(n: int = 8, seed: int = 0) -> Encoded:
 
 
 def _heads(model) -> list[torch.nn.Module]:
-    return [m for n, m in model.named_modules() if n.endswith("head.modules_to_save.default")]
+    return [m for n, m in model.named_modules()
+            if n.endswith("fusion_head.modules_to_save.default")]
 
 
 def _randomise_placeholders(model) -> None:
     (head,) = _heads(model)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for p in (head.text_placeholder, head.image_placeholder):
+        for p in head.placeholders.values():
             p.copy_(torch.randn(p.shape, generator=g))
 
 
@@ -72,7 +73,7 @@ def test_masked_modality_content_never_reaches_the_logits(cfg):
     # ... and it matters: another placeholder value moves exactly the masked rows.
     (head,) = _heads(bundle.model)
     with torch.no_grad():
-        head.image_placeholder.add_(1.0)
+        head.placeholders["image"].add_(1.0)
     moved = predict(bundle, data, batch_size=4)
     assert not torch.allclose(moved[no_image], base[no_image])
     torch.testing.assert_close(moved[~no_image], base[~no_image], rtol=0, atol=0)
@@ -83,7 +84,7 @@ def test_batches_without_a_modality_run_and_skip_that_tower(cfg):
     d = random_batch(8)
     data = Encoded(d.pixel_values, d.texts, d.labels, torch.zeros(8, dtype=torch.bool))
     cnn = {n: p.detach().clone() for n, p in bundle.model.named_parameters()
-           if "vision_encoder" in n and p.requires_grad}
+           if "towers.image" in n and p.requires_grad}
     assert cnn
     train_local(bundle, data, train_options(epochs=1, batch_size=4, lr=1e-2))
     for name, p in bundle.model.named_parameters():
@@ -96,19 +97,19 @@ def test_placeholders_train_travel_and_reload_exactly(cfg, tmp_path):
     bundle = build_model(cfg.model, LABELS)
     data = _masked(8)
     (head,) = _heads(bundle.model)
-    assert head.text_placeholder.requires_grad and head.image_placeholder.requires_grad
-    assert not head.text_placeholder.any() and not head.image_placeholder.any()  # zeros at init
+    placeholders = head.placeholders
+    assert all(p.requires_grad and not p.any() for p in placeholders.values())  # zeros at init
     train_local(bundle, data, train_options(epochs=3, batch_size=4, lr=1e-2))
-    assert head.text_placeholder.any() and head.image_placeholder.any()  # they learned
+    assert all(p.any() for p in placeholders.values())  # they learned
     state = adapter_state(bundle.model)
-    keys = [k for k in state if "placeholder" in k]
-    assert sorted(k.rsplit(".", 1)[-1] for k in keys) == ["image_placeholder", "text_placeholder"]
-    torch.testing.assert_close(state[next(k for k in keys if "text" in k)],
-                               head.text_placeholder.detach())
+    keys = [k for k in state if "placeholders." in k]
+    assert sorted(k.rsplit(".", 1)[-1] for k in keys) == ["image", "text"]
+    torch.testing.assert_close(state[next(k for k in keys if k.endswith("text"))],
+                               placeholders["text"].detach())
     expected = predict(bundle, data)
     save_adapter(bundle, tmp_path / "adapter")
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
-        assert sum("placeholder" in k for k in f.keys()) == 2
+        assert sum("placeholders." in k for k in f.keys()) == 2
     backbone, _ = build_backbone(cfg.model, len(LABELS))
     bundle.model = PeftModel.from_pretrained(backbone, str(tmp_path / "adapter"))
     torch.testing.assert_close(predict(bundle, data), expected, rtol=0, atol=0)

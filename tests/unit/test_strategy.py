@@ -80,8 +80,8 @@ def test_round_is_skipped_when_fewer_valid_updates_than_the_minimum_remain():
     assert strategy.round_stats[1].rejected == 1 and strategy.round_stats[1].replied == 0
 
 
-TOWERS = {"base_model.model.vision_encoder.conv": (2, 2), "base_model.model.text_encoder.q": (3,),
-          "base_model.model.head.w": (3,)}
+TOWERS = {"base_model.model.towers.image.conv": (2, 2), "base_model.model.towers.text.q": (3,),
+          "base_model.model.fusion_head.w": (3,)}
 
 
 def _tower_reply(arrays, num_examples, images, texts) -> Message:
@@ -102,9 +102,9 @@ def test_each_tower_is_averaged_over_the_rows_holding_its_modality(weighting):
     arrays, _ = strategy.aggregate_train(1, [_tower_reply(*s) for s in sites + bad_counts])
     assert strategy.round_stats[1].rejected == 2
     assert any("modality counts" in r for r in strategy.round_stats[1].reasons)
-    column = {"vision_encoder": 2, "text_encoder": 3, "head": 1} if weighting else {}
+    column = {"image": 2, "text": 3} if weighting else {}
     for key in TOWERS:
-        tower = key.split(".")[2]
+        tower = key.split(".")[3]
         weights = [s[column.get(tower, 1)] for s in sites]
         expected = np.average(np.stack([s[0][key] for s in sites]), axis=0, weights=weights)
         np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)

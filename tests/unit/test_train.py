@@ -93,7 +93,7 @@ def test_hidden_text_never_reaches_the_text_tower(tiny_text_dir):
     inputs = model_inputs(bundle, data, torch.arange(8), torch.device("cpu"), hidden)
     assert inputs["text_mask"].tolist() == [False, True] * 4 and inputs["image_mask"].all()
     rows = []
-    text_tower = bundle.model.base_model.model.text_encoder
+    text_tower = bundle.towers["text"].encoder
     handle = text_tower.register_forward_hook(lambda m, args, kw, out: rows.append(
         kw["input_ids"].shape[0]), with_kwargs=True)
     train_local(bundle, data, train_options(epochs=1, batch_size=8, lr=1e-2,
