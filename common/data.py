@@ -34,7 +34,7 @@ SHOWN_ROWS = 5  # rows named per skip reason in the warning
 # What PIL raises on bad image data (its plugins are not consistent about it)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
                   Image.DecompressionBombError)
-_VERDICTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> "" or the problem
+_VERDICTS: dict[tuple[str, int, int, int, int], str] = {}  # file key -> "" or the problem
 _MAX_VERDICTS = 1_000_000
 
 
@@ -103,7 +103,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _read_json_lines(path: Path, content: str) -> list[tuple[str, Any]]:
     rows = []
-    for lineno, line in enumerate(content.splitlines(), 1):
+    for lineno, line in enumerate(content.split("\n"), 1):  # not splitlines: U+2028 is text
         if line.strip():
             try:
                 rows.append((f"line {lineno}", json.loads(line, object_pairs_hook=_object)))
@@ -176,11 +176,15 @@ def _check_row(row: dict[Any, Any], base: Path) -> tuple[dict[str, str] | None, 
         path = (path if path.is_absolute() else base / path).resolve()
         if not path.is_file():
             return None, "missing image file"
-    except (OSError, ValueError):  # a NUL byte, a name too long
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, ~nosuchuser
         return None, "bad image path"
     out = {"image": str(path), "text": text.strip(), "label": str(label).strip()}
     if "site" in row:
         out["site"] = "" if row["site"] is None else str(row["site"])
+    try:
+        "".join(out.values()).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. JSON "\ud800"
+        return None, "invalid Unicode"
     return out, ""
 
 
@@ -191,32 +195,44 @@ def _decode(path: str | Path) -> Image.Image:
         return _to_rgb(ImageOps.exif_transpose(im))
 
 
-def image_problem(path: str | Path) -> str:
-    """Return why `path` cannot be fully decoded ("" if it can); the verdict is cached."""
+def _decode_problem(path: str) -> str:
+    """Why `path` does not decode in full ("" if it does)."""
+    try:
+        _decode(path)
+        return ""
+    except UnidentifiedImageError:
+        return "not an image"
+    except _DECODE_ERRORS as err:
+        return " ".join(str(err).split())[:80] or type(err).__name__
+
+
+def _file_key(path: str) -> tuple[str, int, int, int, int] | None:
     try:
         st = os.stat(path)
-    except OSError as err:
-        return f"cannot stat ({err.strerror})"
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _VERDICTS:
-        try:
-            _decode(path)
-            _VERDICTS[key] = ""
-        except UnidentifiedImageError:
-            _VERDICTS[key] = "not an image"
-        except _DECODE_ERRORS as err:
-            _VERDICTS[key] = " ".join(str(err).split())[:80] or type(err).__name__
-        if len(_VERDICTS) > _MAX_VERDICTS:
-            _VERDICTS.pop(next(iter(_VERDICTS)))
-    return _VERDICTS[key]
+    except OSError:
+        return None
+    return path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def _problems(paths: list[str]) -> list[str]:
-    """Decode verdicts for `paths`, in order (decoding runs in threads; PIL frees the GIL)."""
-    if len(paths) < 64:
-        return [image_problem(p) for p in paths]
-    with ThreadPoolExecutor(_decode_workers()) as pool:
-        return list(pool.map(image_problem, paths, chunksize=32))
+def image_problems(paths: Sequence[str | Path]) -> list[str]:
+    """Return why each image cannot be fully decoded ("" if it can), decoding in threads.
+
+    Verdicts are cached per (path, size, mtime, ctime, inode), so loading a manifest again
+    in the same process decodes only the files that changed.
+    """
+    keys = [_file_key(str(p)) for p in paths]
+    todo = list(dict.fromkeys(k for k in keys if k is not None and k not in _VERDICTS))
+    files = [k[0] for k in todo]
+    if len(files) < 64:
+        problems = [_decode_problem(f) for f in files]
+    else:
+        with ThreadPoolExecutor(_decode_workers()) as pool:  # PIL's decoders release the GIL
+            problems = list(pool.map(_decode_problem, files, chunksize=32))
+    _VERDICTS.update(zip(todo, problems))
+    out = ["file vanished" if k is None else _VERDICTS[k] for k in keys]
+    while len(_VERDICTS) > _MAX_VERDICTS:  # forget the oldest
+        _VERDICTS.pop(next(iter(_VERDICTS)))
+    return out
 
 
 def _decode_workers() -> int:
@@ -253,7 +269,8 @@ def load_manifest(path: str | Path, default_label: str | None = None
                 clean.setdefault("site", "")
             checked.append((where, clean))
     kept = []
-    for (where, clean), problem in zip(checked, _problems([c["image"] for _, c in checked])):
+    problems = image_problems([c["image"] for _, c in checked])
+    for (where, clean), problem in zip(checked, problems):
         if problem:
             skips.setdefault("unreadable image", []).append(f"{where}: {problem}")
         else:
@@ -261,7 +278,7 @@ def load_manifest(path: str | Path, default_label: str | None = None
     reasons = {k: len(v) for k, v in sorted(skips.items())}
     stats = ManifestStats(path, len(kept), sum(reasons.values()), reasons,
                           {k: v[:SHOWN_ROWS] for k, v in sorted(skips.items())},
-                          tuple(sorted(columns, key=str)))
+                          tuple(sorted(columns)))
     if not kept:
         raise ManifestError(f"{path}: all {len(raw)} rows are unusable ({_fmt(stats)})")
     if stats.skipped:

@@ -279,3 +279,52 @@ def test_predict_warning_names_the_users_manifest(tmp_path: Path, monkeypatch: p
     assert n == 2
     assert f"{path}: skipped 1 of 3 rows" in caplog.text and "line 3" in caplog.text
     assert "label" not in next(csv.reader((tmp_path / "preds.csv").open()))
+
+
+def test_row_with_a_lone_surrogate_is_skipped_not_raised(tmp_path: Path) -> None:
+    image = _png(tmp_path / "a.png")
+    path = tmp_path / "m.jsonl"  # json.dumps writes the lone surrogate as the escape \ud800
+    path.write_text("\n".join(json.dumps({"image": image, "text": t, "label": "a"})
+                              for t in ("x\ud800", "fine")))
+    ds, stats = load_manifest(path)
+    assert list(ds["text"]) == ["fine"] and stats.reasons == {"invalid Unicode": 1}
+
+
+def test_image_path_of_an_unknown_user_is_skipped_not_raised(tmp_path: Path) -> None:
+    rows = _rows(tmp_path, 2)
+    rows[0]["image"] = "~no-such-user-fedmm/x.png"
+    _, stats = load_manifest(_csv(tmp_path / "m.csv", rows))
+    assert stats.reasons == {"bad image path": 1}
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85"])
+def test_jsonl_text_may_hold_unicode_line_separators(tmp_path: Path, sep: str) -> None:
+    text = f"before{sep}after"
+    line = json.dumps({"image": _png(tmp_path / "a.png"), "text": text, "label": "a"},
+                      ensure_ascii=False)
+    assert sep in line and len(text.splitlines()) == 2  # str.splitlines would cut the record
+    path = tmp_path / "m.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    assert list(load_manifest(path)[0]["text"]) == [text]
+
+
+def test_many_rows_decode_in_order_once_per_file_version(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from common import data
+
+    rows = _rows(tmp_path, 80)  # enough to decode in the thread pool
+    png = _image_bytes("PNG")
+    for i in (10, 70):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png[:len(png) // 2])
+    path = _csv(tmp_path / "m.csv", rows)
+    ds, stats = load_manifest(path)
+    assert stats.rows == 78 and [w.split(":")[0] for w in stats.examples["unreadable image"]] \
+        == ["line 12", "line 72"]
+    assert list(ds["text"]) == [r["text"] for i, r in enumerate(rows) if i not in (10, 70)]
+    decoded: list[str] = []
+    real = data._decode_problem
+    monkeypatch.setattr(data, "_decode_problem", lambda p: decoded.append(p) or real(p))
+    load_manifest(path)
+    assert decoded == []  # every verdict came from the cache
+    (tmp_path / "img" / "10.png").write_bytes(png)
+    assert load_manifest(path)[1].rows == 79 and decoded == [str((tmp_path / "img" / "10.png").resolve())]
