@@ -3,8 +3,8 @@
 A manifest is a CSV (`.csv`) or JSON Lines (`.jsonl`, or `.json` holding lines or one list)
 file with columns `image` (path relative to the manifest's folder, or absolute), `text`,
 `label` (class name) and optionally `site`; a column name may appear once. `load_manifest`
-checks every row and decodes every image in full (the verdict is cached per file, size and
-mtime), skips and counts bad rows, names the first few in its warning, and returns a
+checks every row and decodes every image in full (the verdict is cached per file version),
+skips and counts bad rows, names the first few in its warning, and returns a
 `datasets.Dataset` with absolute image paths; `encode` turns it into tensors for training
 with the same decoder, so it never meets an image the check let through undecoded.
 """
