@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
 from itertools import count
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,7 +35,7 @@ EXAMPLES = int(os.environ.get("FEDMM_FUZZ_EXAMPLES", "100"))  # per property
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-GOOD = ["rgb.png", "l.png", "rgba.png", "p.png", "i16.png", "photo.jpg", "anim.gif",
+GOOD = ["rgb.png", "l.png", "rgba.png", "p.png", "i16.png", "photo.jpg", "palette.gif",
         "ünï cødé.png", "sub/deep.png"]
 BAD = ["trunc.png", "trunc.jpg", "corrupt.png", "empty.png", "text.png", "header.png",
        "dir.png", "notes.txt"]
@@ -70,7 +69,7 @@ def pool() -> Iterator[Path]:
     png, jpg = _encoded("PNG"), _encoded("JPEG")
     files = {"rgb.png": png, "l.png": _encoded("PNG", "L"), "rgba.png": _encoded("PNG", "RGBA"),
              "p.png": _encoded("PNG", "P"), "i16.png": _encoded("PNG", "I;16"),
-             "photo.jpg": jpg, "anim.gif": _encoded("GIF", "P"), "ünï cødé.png": png,
+             "photo.jpg": jpg, "palette.gif": _encoded("GIF", "P"), "ünï cødé.png": png,
              "sub/deep.png": png, "trunc.png": png[:len(png) // 2], "trunc.jpg": jpg[:-2],
              "corrupt.png": png[:80] + bytes(b ^ 0xFF for b in png[80:200]) + png[200:],
              "empty.png": b"", "text.png": b"hello, not an image\n", "header.png": png[:33],
