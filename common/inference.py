@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from common.config import ConfigError, ModelConfig, build, from_json
-from common.data import ManifestError, _read_rows, encode, load_manifest
+from common.data import ManifestError, encode, load_manifest
 from common.model import Bundle, build_backbone, load_adapter, read_label_names
 from common.task import image_encoding
 from common.train import evaluate, pick_device, predict
@@ -52,33 +51,15 @@ def load_for_inference(adapter_dir: str | Path) -> Bundle:
     return load_adapter(model_config_for(adapter_dir), adapter_dir)
 
 
-def _labelled(path: Path, names: list[str], workdir: Path) -> Path:
-    """The manifest itself, or a copy with a placeholder label column if it has none."""
-    columns, rows = _read_rows(path)
-    if "label" in columns:
-        return path
-    base = path.resolve().parent
-    copy = workdir / "manifest.jsonl"
-    with copy.open("w") as f:
-        for row in rows:
-            image = Path(str(row.get("image", ""))).expanduser()
-            row = {**row, "image": str(image if image.is_absolute() else base / image),
-                   "label": names[0]}
-            f.write(json.dumps(row) + "\n")
-    return copy
-
-
 def predict_manifest(bundle: Bundle, manifest: str | Path, out_csv: str | Path,
                      device: str = "auto") -> int:
     """Write one row per usable manifest row: image, text, predicted label name, confidence."""
     manifest, out_csv = Path(manifest), Path(out_csv)
     if not manifest.is_file():
         raise ManifestError(f"{manifest}: manifest not found")
-    with tempfile.TemporaryDirectory() as tmp:
-        labelled = _labelled(manifest, bundle.label_names, Path(tmp))
-        ds, _ = load_manifest(labelled)
-        has_truth = labelled == manifest
-        data = encode(ds, bundle.label_names, *image_encoding(bundle.cfg), source=manifest)
+    ds, stats = load_manifest(manifest, default_label=bundle.label_names[0])  # placeholder
+    has_truth = "label" in stats.columns
+    data = encode(ds, bundle.label_names, *image_encoding(bundle.cfg), source=manifest)
     probs = predict(bundle, data, device=pick_device(device)).softmax(-1)  # (N, C)
     confidence, index = probs.max(-1)  # (N,), (N,)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
