@@ -82,8 +82,15 @@ def site_name(args: argparse.Namespace) -> str:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    """Become the site's SuperNode (exec: signals reach Flower directly)."""
+    """Check the site's own data and device, then become its SuperNode (exec: signals reach
+    Flower directly)."""
+    from common.data import load_manifest
+    from common.preflight import check_device
+
     argv = site_argv(args)
+    _, stats = load_manifest(args.data)  # every image decoded once; bad rows named, counted
+    check_device(args.device)
+    print(f"[fedmm] site {site_name(args)}: {stats.rows} usable rows in {args.data}", flush=True)
     env = {**os.environ, **QUIET_FLOWER, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     print(f"[fedmm] site {site_name(args)}: connecting to {args.superlink}", flush=True)
     os.execve(argv[0], argv, env)

@@ -2,8 +2,9 @@
 
 `compose` gives the validated config of a new run (Hydra overrides) or of a run to resume (its
 saved `config.json`); `prepare` makes its paths absolute, generates or finds the data, fixes the
-label set and the noise multiplier, and loads both manifests, so that a bad value or a bad file
-stops the run here with one line. Both `fedmm train` and `python -m simulations.run` use them.
+label set and the noise multiplier, and runs the pre-flight checks (common/preflight.py: every
+image decoded, test labels known to training, the device present, the output folder
+writable), so that a bad value or a bad file stops the run here with one line. Both `fedmm train` and `python -m simulations.run` use them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from common.config import Config, from_json, load_config
 from common.data import load_manifest
+from common.preflight import check_device, check_test_labels, check_train_labels, check_writable
 from common.privacy import resolve_noise_multiplier
 from common.task import resolve_data
 from launcher.processes import DeployError
@@ -38,6 +40,10 @@ def prepare(cfg: Config) -> Config:
     if cfg.privacy.dp not in ("none", "local") and cfg.privacy.target_epsilon > 0:
         print(f"fedmm: noise multiplier {cfg.privacy.noise_multiplier:.4f} reaches "
               f"ε={cfg.privacy.target_epsilon} at δ={cfg.privacy.delta}", flush=True)
-    load_manifest(cfg.data.train)
-    load_manifest(cfg.data.test)
+    train_ds, _ = load_manifest(cfg.data.train)  # every image decoded once, bad rows counted
+    test_ds, _ = load_manifest(cfg.data.test)
+    check_train_labels(train_ds, cfg.data.train)
+    check_test_labels(cfg.data.labels, test_ds, cfg.data.test)
+    check_device(cfg.device)
+    check_writable(Path(cfg.output_dir))
     return cfg

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common.config import load_config
 from common.config import ConfigError
 from common.data import ManifestError, encode, label_names, load_manifest
 from common.preflight import check_device, check_test_labels, check_train_labels, check_writable
@@ -130,8 +131,8 @@ def _predict_without_labels(tmp: Path, mp: pytest.MonkeyPatch) -> Callable[[], o
     from common import inference
 
     mp.setattr(inference, "predict", lambda b, data, device: torch.zeros(len(data), 2))
-    bundle = SimpleNamespace(label_names=["a", "b"], image_size=8, image_mean=MEAN,
-                             image_std=STD)
+    model = load_config(["model=minilm_cnn", "model.vision.image_size=8"]).model
+    bundle = SimpleNamespace(label_names=["a", "b"], cfg=model)
     _text_file(tmp, "new.csv", "image,text\na.png,t\ngone.png,t\n")
     return lambda: inference.predict_manifest(bundle, tmp / "new.csv", tmp / "p.csv", "cpu")
 

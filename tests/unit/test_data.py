@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from common.config import load_config
 from common.data import (Encoded, ManifestError, encode, encode_images, encode_labels,
                          label_names, load_manifest)
 
@@ -271,8 +272,8 @@ def test_predict_warning_names_the_users_manifest(tmp_path: Path, monkeypatch: p
     rows = [{"image": r["image"], "text": r["text"]} for r in _rows(tmp_path, 3)]
     rows[1]["image"] = "img/gone.png"
     path = _csv(tmp_path / "new.csv", rows, fields=("image", "text"))
-    bundle = SimpleNamespace(label_names=["a", "b"], image_size=8, image_mean=MEAN,
-                             image_std=STD)
+    model = load_config(["model=minilm_cnn", "model.vision.image_size=8"]).model
+    bundle = SimpleNamespace(label_names=["a", "b"], cfg=model)
     monkeypatch.setattr(inference, "predict", lambda b, data, device: torch.zeros(len(data), 2))
     with caplog.at_level(logging.WARNING, logger="common.data"):
         n = inference.predict_manifest(bundle, path, tmp_path / "preds.csv", "cpu")
