@@ -1,5 +1,5 @@
-# fedmm site side (CPU): the SuperNode (`fedmm site`), which runs the ClientApp next to the
-# site's data. Builds offline from the wheelhouse (docker/wheelhouse.sh), with BuildKit, from
+# fedmm site side: the SuperNode (`fedmm site`), which runs the ClientApp next to the site's
+# data (on CPU; PyPI's torch carries CUDA too, site-cuda.Dockerfile adds the GPU base). Builds offline from the wheelhouse (docker/wheelhouse.sh), with BuildKit, from
 # the repository root:
 #   docker build --network none -f docker/site.Dockerfile -t fedmm-site .
 #   docker build --network none --build-arg BASE=fedmm-base:bookworm ...   # no registry
