@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration clean
+.PHONY: run test test-unit test-integration docker-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Not part of `make test`: builds the images (offline, from docker/wheelhouse) and trains a
+# federation of containers under a Docker daemon of its own (root; README, "Deploy with Docker").
+docker-e2e:
+	docker/e2e.sh
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,6 +28,11 @@ if TYPE_CHECKING:  # the run side needs torch and Hydra; the server side starts 
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml + packages
 CONNECTION = "fedmm"
+# [tool.flwr.app] of pyproject.toml, for an installed wheel (which carries no pyproject.toml);
+# tests/unit/test_fedmm_cli.py keeps the two equal.
+FLOWER_APP = {"publisher": "fedmm",
+              "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+              "config": {keys.RUN_CONFIG: ""}}
 
 
 def superlink_argv(host: str, port: int, database: Path, certs: Path | None) -> list[str]:
@@ -43,6 +50,27 @@ def _need(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DeployError(f"{path}: {what} not found (create it with `fedmm certs`)")
     return path
+
+
+def flower_app(staging: Path, app_dir: Path = APP_DIR) -> Path:
+    """The folder `flwr run` packages: the source tree, or the installed packages staged."""
+    pyproject = app_dir / "pyproject.toml"
+    if pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text():
+        return app_dir
+    import tomli_w  # a dependency of flwr
+
+    dist = importlib.metadata.distribution("fedmm")
+    project = {"name": dist.metadata["Name"], "version": dist.version,
+               "description": dist.metadata["Summary"],
+               "license": dist.metadata["License-Expression"] or "Apache-2.0",
+               "dependencies": dist.requires or []}
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "pyproject.toml").write_text(tomli_w.dumps(
+        {"project": project, "tool": {"flwr": {"app": FLOWER_APP}}}))
+    for package in dist.read_text("top_level.txt").split():
+        shutil.copytree(app_dir / package, staging / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return staging
 
 
 def serve(*, host: str, port: int, state_dir: Path, certs: Path | None,
@@ -93,7 +121,7 @@ def train(cfg: Config, *, superlink: str, ca_cert: Path | None, timeout: float) 
     tag = new_tag()
     procs: list[subprocess.Popen] = []
     try:
-        return submit(APP_DIR, CONNECTION, run_config,
+        return submit(flower_app(home / "app"), CONNECTION, run_config,
                       popen=popen_kwargs(flower_env(home, tag), home / "cwd"),
                       timeout=timeout, log_path=out / "flower.log", procs=procs)
     finally:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import io
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
+import tomli
+from flwr.cli.build import build_fab_from_disk
 
 from launcher.cli import parser, site_argv
-from launcher.deployment import superlink_argv
+from launcher.deployment import APP_DIR, flower_app, superlink_argv
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_site_runs_a_supernode_with_tls_node_auth_and_its_node_config(tmp_path):
@@ -56,3 +64,17 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, expected):
     assert proc.returncode == 2
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_installed_wheel_stages_the_flower_app_that_pyproject_declares(tmp_path):
+    assert flower_app(tmp_path / "unused") == APP_DIR == ROOT  # a source tree is the app
+    site_packages = tmp_path / "site-packages"  # what a wheel leaves: packages, no pyproject
+    site_packages.mkdir()
+    for package in importlib.metadata.distribution("fedmm").read_text("top_level.txt").split():
+        (site_packages / package).symlink_to(ROOT / package)
+    app = flower_app(tmp_path / "app", app_dir=site_packages)
+    staged = tomli.loads((app / "pyproject.toml").read_text())
+    declared = tomli.loads((ROOT / "pyproject.toml").read_text())
+    assert staged["tool"]["flwr"]["app"] == declared["tool"]["flwr"]["app"]
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    assert {"server/app.py", "client/app.py", "common/conf/config.yaml"} <= set(names)
