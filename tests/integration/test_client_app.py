@@ -78,7 +78,7 @@ def test_evaluate_reports_loss_and_accuracy_on_held_out_rows(setup):
                        _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 3}))
     metrics = reply.content[keys.METRICS]
     bundle = cached_bundle(cfg.model, labels)
-    held_out = site_data(cfg, bundle, train_manifest=train, partition_id=0)[1]
+    held_out = site_data(cfg, train_manifest=train, partition_id=0)[1]
     parts = partition_indices(load_manifest(train)[0], cfg.partition, cfg.seed)
     assert metrics[keys.NUM_EXAMPLES] == len(held_out) == round(len(parts[0]) * 0.1)
     logits = predict(bundle, held_out).numpy()  # the global adapter is still loaded

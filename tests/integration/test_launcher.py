@@ -9,15 +9,17 @@ import threading
 from pathlib import Path
 
 from launcher.processes import tagged as _tagged
+from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_sigterm_mid_run_tears_down_superlink_simulation_and_ray(tmp_path):
+def test_sigterm_mid_run_tears_down_superlink_simulation_and_ray(tmp_path, tiny_text_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "simulations.run", f"data.demo_dir={tmp_path / 'demo'}",
          "data.demo_train=200", "data.demo_test=40", "partition.num_clients=2",
-         "strategy.rounds=50", f"output_dir={tmp_path / 'run'}"],
+         "strategy.rounds=50", f"output_dir={tmp_path / 'run'}",
+         *tiny_overrides(tiny_text_dir)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     under_way = threading.Event()
 

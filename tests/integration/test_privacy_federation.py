@@ -18,10 +18,12 @@ from safetensors.numpy import load_file
 from common.config import load_config
 from common.demo_data import generate
 from simulations.run import launch, prepare
+from tests.conftest import tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_text_dir):
+    """Federations of tiny towers: the privacy protocols, not the model, are under test."""
     root = tmp_path_factory.mktemp("privacy")
     train, test = generate(root / "site-data", 160, 40, seed=1)
 
@@ -30,7 +32,8 @@ def run(tmp_path_factory):
                            "partition.num_clients=4", "partition.min_partition_size=10",
                            "strategy.rounds=2", "train.epochs=1",
                            "strategy.min_train_nodes=3", f"output_dir={root / name}",
-                           "simulation.timeout_s=600", *overrides])
+                           "simulation.timeout_s=600", *tiny_overrides(tiny_text_dir),
+                           *overrides])
         launch(prepare(cfg))
         return root / name
 
