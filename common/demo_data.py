@@ -17,6 +17,7 @@ DIR/meta.json; the same seed gives byte-identical files, and a folder already ho
 made with the same parameters is left as it is.
 
 Run: python -m common.demo_data --out data/demo [--train 2000 --test 500 --seed 0 --image-size 32]
+     [--site-by-shape 0.9]   (a natural split: each site mostly holds one shape)
 """
 
 from __future__ import annotations
@@ -131,15 +132,24 @@ def make_image(rng: np.random.Generator, shape: str, size: int) -> Image.Image:
 
 
 def _write_split(out_dir: Path, split: str, n: int, rng: np.random.Generator,
-                 image_size: int) -> Path:
-    """Write one split's PNGs and manifest; return the manifest path."""
+                 image_size: int, site_by_shape: float = 0.0,
+                 site_rng: np.random.Generator | None = None) -> Path:
+    """Write one split's PNGs and manifest; return the manifest path.
+
+    `site_by_shape` > 0: with that probability a row's site is its shape's home site (a natural
+    split where each site mostly sees one kind of image), drawn from `site_rng` so that images
+    and texts stay those of the default dataset.
+    """
     labels = np.array(LABELS)[rng.permutation(np.arange(n) % len(LABELS))]  # balanced, shuffled
     rows = []
     for i, label in enumerate(labels):
         shape, status = str(label).split("-")
         name = f"images/{split}_{i:05d}.png"
         make_image(rng, shape, image_size).save(out_dir / name, format="PNG")
-        rows.append((name, make_text(rng, status), str(label), _pick(rng, SITES)))
+        site = _pick(rng, SITES)
+        if site_by_shape and site_rng.random() < site_by_shape:
+            site = SITES[SHAPES.index(shape)]
+        rows.append((name, make_text(rng, status), str(label), site))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("image", "text", "label", "site"))
@@ -152,7 +162,7 @@ def _write_split(out_dir: Path, split: str, n: int, rng: np.random.Generator,
 
 
 def generate(out_dir: Path, num_train: int, num_test: int, seed: int,
-             image_size: int = 32) -> tuple[Path, Path]:
+             image_size: int = 32, site_by_shape: float = 0.0) -> tuple[Path, Path]:
     """Write the demo dataset to `out_dir` unless it already holds it; return both manifests."""
     if num_train < 1 or num_test < 1:
         raise ValueError(f"demo dataset sizes must be >= 1 (got train={num_train}, "
@@ -163,6 +173,8 @@ def generate(out_dir: Path, num_train: int, num_test: int, seed: int,
     train, test, meta_path = out_dir / "train.csv", out_dir / "test.csv", out_dir / "meta.json"
     meta = {"version": VERSION, "num_train": num_train, "num_test": num_test, "seed": seed,
             "image_size": image_size}
+    if site_by_shape:
+        meta["site_by_shape"] = site_by_shape
     try:
         if json.loads(meta_path.read_text()) == meta and train.is_file() and test.is_file():
             return train, test
@@ -174,8 +186,9 @@ def generate(out_dir: Path, num_train: int, num_test: int, seed: int,
         if old.name.startswith(("train_", "test_")):
             old.unlink()
     # One generator per split, so the test set does not change with num_train.
-    _write_split(out_dir, "train", num_train, np.random.default_rng([seed, 0]), image_size)
-    _write_split(out_dir, "test", num_test, np.random.default_rng([seed, 1]), image_size)
+    for i, (split, n) in enumerate((("train", num_train), ("test", num_test))):
+        _write_split(out_dir, split, n, np.random.default_rng([seed, i]), image_size,
+                     site_by_shape, np.random.default_rng([seed, i, 7]))
     meta_path.write_text(json.dumps(meta, sort_keys=True) + "\n")
     return train, test
 
@@ -209,11 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test", type=int, default=500, help="test samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--site-by-shape", type=float, default=0.0,
+                   help="chance a row's site is its shape's home site (a natural split)")
     p.add_argument("--sites", type=int, default=0,
                    help="also deal the training rows into site-1.csv .. site-N.csv")
     args = p.parse_args(argv)
     try:
-        train, test = generate(args.out, args.train, args.test, args.seed, args.image_size)
+        train, test = generate(args.out, args.train, args.test, args.seed, args.image_size,
+                               args.site_by_shape)
         sites = split_sites(train, args.sites) if args.sites else []
     except (ValueError, OSError) as err:
         p.exit(2, f"error: {err}\n")

@@ -81,6 +81,7 @@ class DataConfig:
     demo_dir: str
     demo_train: int = spec(ge=0)
     demo_test: int = spec(ge=0)
+    demo_site_by_shape: float = spec(**UNIT)  # demo: chance a row's site is its shape's home
     seed: int
 
 

@@ -32,7 +32,8 @@ def resolve_data(cfg: Config) -> Config:
     """`cfg` with absolute manifest paths and the label set filled in (demo data generated)."""
     d = cfg.data
     if d.source == "demo" and not d.train:
-        train, test = generate(Path(d.demo_dir).resolve(), d.demo_train, d.demo_test, d.seed)
+        train, test = generate(Path(d.demo_dir).resolve(), d.demo_train, d.demo_test, d.seed,
+                               site_by_shape=d.demo_site_by_shape)
     else:
         train, test = Path(str(d.train)).resolve(), Path(str(d.test)).resolve()
     labels = d.labels or tuple(manifest_labels(train))

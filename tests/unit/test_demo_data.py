@@ -7,11 +7,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from common.data import load_manifest
-from common.demo_data import LABELS, SHAPE_WORDS, TEMPLATES, generate, main
+from common.demo_data import LABELS, SHAPE_WORDS, SHAPES, SITES, TEMPLATES, generate, main
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -112,3 +113,15 @@ def test_cli_prints_manifests_and_rejects_bad_sizes(tmp_path: Path,
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path), "--train", "0"])
     assert exc.value.code == 2 and "sizes must be >= 1" in capsys.readouterr().err
+
+
+def test_site_by_shape_makes_a_natural_split_and_keeps_the_rows(tmp_path):
+    plain, _ = generate(tmp_path / "plain", 120, 10, seed=4)
+    natural, _ = generate(tmp_path / "natural", 120, 10, seed=4, site_by_shape=0.9)
+    a, b = (list(csv.DictReader(open(p))) for p in (plain, natural))
+    assert [(r["text"], r["label"]) for r in a] == [(r["text"], r["label"]) for r in b]
+    assert all((tmp_path / "plain" / r["image"]).read_bytes()
+               == (tmp_path / "natural" / r["image"]).read_bytes() for r in a[:20])
+    home = [r["site"] == SITES[SHAPES.index(r["label"].split("-")[0])] for r in b]
+    assert np.mean(home) > 0.85  # 0.9 + 0.1 x 1/4 by chance
+    assert np.mean([r["site"] == SITES[SHAPES.index(r["label"].split("-")[0])] for r in a]) < 0.5
