@@ -7,6 +7,8 @@ training itself in common/train.py (`train_local(bundle, data, cfg.train)`).
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -29,11 +31,13 @@ def train(msg: Message, context: Context) -> Message:
     _maybe_drop_out(run_config(context), context)
     site = load_site(msg, context)
     cfg = site.cfg
+    started = time.perf_counter()
     if cfg.privacy.dp == "local":
         metrics = local_dp_train(site, context)
     else:
         metrics = train_local(site.bundle, site.train, cfg.train, seed=site.seed,
                               device=site.device)
+    seconds = time.perf_counter() - started
     state = to_numpy(adapter_state(site.bundle.model))
     if not LORA_MODES[cfg.strategy.lora_aggregation].uploads_a:  # ffa: A never changes
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
@@ -44,6 +48,7 @@ def train(msg: Message, context: Context) -> Message:
                                     keys.NUM_IMAGE_EXAMPLES: int(site.train.has_image.sum()),
                                     keys.NUM_TEXT_EXAMPLES: int(site.train.has_text.sum()),
                                     keys.TRAIN_LOSS: metrics["train_loss"],
+                                    keys.TRAIN_SECONDS: seconds,
                                     **{k: metrics[k] for k in (keys.SITE_EPSILON,
                                                                keys.LOCAL_DP_NOISE)
                                        if k in metrics}}),

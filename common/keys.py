@@ -23,6 +23,7 @@ NUM_EXAMPLES = "num-examples"      # Flower's default weighting key
 NUM_IMAGE_EXAMPLES = "num-image-examples"  # training rows with an image (weights the vision tower)
 NUM_TEXT_EXAMPLES = "num-text-examples"    # training rows with text (weights the text tower)
 TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"    # wall seconds of the site's local training this round
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 

@@ -82,6 +82,8 @@ class RunRecorder:
         row = {"round": server_round, "sampled": stats.sampled, "replied": stats.replied,
                "rejected": stats.rejected, "bytes_uploaded": stats.bytes_uploaded,
                "train_loss": stats.train_loss, "test_loss": result["loss"],
+               "site_train_s": _mean(stats.site_seconds),
+               "site_train_s_max": max(stats.site_seconds, default=math.nan),
                "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"],
                "elapsed_s": round(time.monotonic() - self.started, 2),
                **privacy_metrics(self.cfg, self.strategy.state.dp_releases, stats)}
@@ -113,6 +115,10 @@ class RunRecorder:
             "bytes_uploaded_per_client_round": total_up / replies if replies else 0,
             "backbone_bytes": backbone_bytes(self.bundle.model),
             "rejected_updates": sum(r["rejected"] for r in trained),
+            # a site-round's training seconds: round 1 fills the stem caches, later rounds reuse
+            "site_train_s_first": _finite(trained[0].get("site_train_s")) if trained else None,
+            "site_train_s_steady": _finite(_mean([r["site_train_s"] for r in trained[1:]
+                                                  if _finite(r.get("site_train_s"))])),
             "rounds_without_updates": sum(1 for r in trained if r["replied"] == 0),
             "wall_time_s": round(time.monotonic() - self.started, 2),
             "adapter_dir": str(adapter_dir.resolve()),
@@ -125,6 +131,14 @@ class RunRecorder:
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 3) if values else math.nan
 
 
 def kept_rows(metrics_path: Path, last_round: int) -> list[dict]:

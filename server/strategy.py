@@ -49,6 +49,7 @@ class RoundStats:
     bytes_uploaded: int = 0
     train_loss: float = float("nan")
     site_epsilon: float = float("nan")  # local DP-SGD: the largest ε a site reported
+    site_seconds: list[float] = field(default_factory=list)  # each kept site's training time
     secagg_bound: float = float("nan")  # SecAgg+: per-coordinate bound vs plaintext FedAvg
     reasons: list[str] = field(default_factory=list)
 
@@ -271,7 +272,9 @@ class ScreenedStrategy(Strategy):
 
 
 def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
-    """Keep the largest local-DP ε the sites of a round reported."""
+    """Keep the largest local-DP ε the sites of a round reported, and their training times."""
+    stats.site_seconds = [float(m[keys.TRAIN_SECONDS]) for m in metrics
+                          if keys.TRAIN_SECONDS in m]
     reported = [float(m[keys.SITE_EPSILON]) for m in metrics if keys.SITE_EPSILON in m]
     if reported:
         stats.site_epsilon = max(reported)

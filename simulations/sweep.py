@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 COLUMNS = ("run", "final_accuracy", "best_accuracy", "final_macro_f1", "rounds_to_target",
-           "bytes_uploaded", "wall_time_s")
+           "bytes_uploaded", "upload_per_site_round", "site_round_s", "wall_time_s")
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -56,6 +56,8 @@ def collect(sweep_dir: Path, target_accuracy: float) -> list[dict[str, Any]]:
                      "final_macro_f1": summary["test_macro_f1"],
                      "rounds_to_target": reached[0] if reached else None,
                      "bytes_uploaded": summary["bytes_uploaded"],
+                     "upload_per_site_round": round(summary["bytes_uploaded_per_client_round"]),
+                     "site_round_s": summary.get("site_train_s_steady"),
                      "wall_time_s": summary["wall_time_s"],
                      "curve": [(r["round"], r["test_accuracy"]) for r in rounds]})
     return rows
@@ -77,7 +79,10 @@ def write_comparison(sweep_dir: Path, target_accuracy: float = 0.9) -> list[Path
     for row in rows:
         cells = [row["run"], f"{row['final_accuracy']:.3f}", f"{row['best_accuracy']:.3f}",
                  f"{row['final_macro_f1']:.3f}", str(row["rounds_to_target"] or "not reached"),
-                 f"{row['bytes_uploaded'] / 1e6:.1f} MB", f"{row['wall_time_s']:.0f}"]
+                 f"{row['bytes_uploaded'] / 1e6:.1f} MB",
+                 f"{row['upload_per_site_round'] / 1e6:.2f} MB",
+                 "-" if row["site_round_s"] is None else f"{row['site_round_s']:.1f}",
+                 f"{row['wall_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     md_path.write_text("\n".join(lines) + "\n")
     _plot(rows, png_path)

@@ -18,7 +18,8 @@ def _fake_run(root, name, accuracies, overrides):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "summary.json").write_text(json.dumps({
         "test_accuracy": accuracies[-1], "test_macro_f1": accuracies[-1] - 0.01,
-        "bytes_uploaded": 6_000_000, "wall_time_s": 12.5}))
+        "bytes_uploaded": 6_000_000, "bytes_uploaded_per_client_round": 1_200_000,
+        "site_train_s_steady": 4.25, "wall_time_s": 12.5}))
 
 
 def test_table_and_plot_report_each_run(tmp_path):
@@ -33,6 +34,7 @@ def test_table_and_plot_report_each_run(tmp_path):
     assert rows[0]["rounds_to_target"] == "2" and rows[1]["rounds_to_target"] == ""
     md = (tmp_path / "comparison.md").read_text()
     assert "rounds_to_0.9" in md and "not reached" in md and "6.0 MB" in md
+    assert "1.20 MB" in md and "| 4.2 |" in md and rows[0]["site_round_s"] == "4.25"
     with Image.open(tmp_path / "accuracy.png") as img:
         assert img.width > 400
 
