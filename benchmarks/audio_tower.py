@@ -14,9 +14,7 @@ analytic forward GFLOP per clip does not depend on load. Conversions go to a tem
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,24 +23,9 @@ from functools import partial
 import torch
 from peft import LoraConfig, get_peft_model
 
+from benchmarks.measure import emit, timed
 from common.towers import packaged
 from common.towers.whisper import build_audio_tower
-
-
-def emit(**fields: object) -> None:
-    """Print one figure as a JSON line."""
-    print(json.dumps(fields), flush=True)
-
-
-def timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """Return the median and min seconds of `reps` calls of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
 
 
 def encoder_gflop(config, seconds: float) -> float:

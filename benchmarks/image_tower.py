@@ -14,35 +14,16 @@ on a shared machine).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from benchmarks.measure import emit, timed
 from common.towers.image import EfficientNetTower
 
 NUM_LABELS = 10
-
-
-def emit(**fields: object) -> None:
-    """Print one figure as a JSON line."""
-    print(json.dumps(fields), flush=True)
-
-
-def timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """Return the median and min seconds of `reps` calls of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
 
 
 class Probe(nn.Module):
