@@ -107,6 +107,8 @@ def apply_base_residuals(model: torch.nn.Module, residuals: dict[str, np.ndarray
         weight = module._fedmm_pretrained
         if prefix in residuals:
             delta = torch.from_numpy(np.asarray(residuals[prefix])).to(weight)
+            if delta.numel() == weight.numel():  # conv layers: (out, in·kh·kw) -> the kernel
+                delta = delta.reshape(weight.shape)
             if delta.shape != weight.shape:
                 raise AdapterMismatch(f"{prefix}: residual shape {tuple(delta.shape)} != "
                                       f"{tuple(weight.shape)}")

@@ -124,16 +124,33 @@ def reweight_towers(mean: State, states: Sequence[State], counts: dict[str, np.n
     return out
 
 
+def _is_pair(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether A (r, in, *kernel) and B (out, r, 1, ...) are one LoRA layer's factors.
+
+    Linear layers: A (r, in), B (out, r). Conv layers (PEFT): A (r, in, kh, kw), B (out, r, 1, 1);
+    either way ΔW = s · B(out, r) @ A(r, in·kh·kw), reshaped to the base weight.
+    """
+    return (len(a) >= 2 and len(b) >= 2 and a[0] == b[1] and a[0] >= 1
+            and all(d == 1 for d in b[2:]))
+
+
 def delta_w(state: State, prefix: str, scaling: float) -> np.ndarray:
-    """Return the layer's update s · B @ A, (out, in), in float64."""
+    """Return the layer's update s · B @ A, (out, in) (conv: in·kh·kw), in float64."""
     a_key, b_key = prefix + A_SUFFIX, prefix + B_SUFFIX
     if a_key not in state or b_key not in state:
         raise ValueError(f"no LoRA pair for layer {prefix!r}")
-    a = np.asarray(state[a_key], dtype=np.float64)  # (r, in)
-    b = np.asarray(state[b_key], dtype=np.float64)  # (out, r)
-    if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+    a = np.asarray(state[a_key], dtype=np.float64)  # (r, in[, kh, kw])
+    b = np.asarray(state[b_key], dtype=np.float64)  # (out, r[, 1, 1])
+    if not _is_pair(a.shape, b.shape):
         raise ValueError(f"{prefix}: B {b.shape} @ A {a.shape} is not a rank-r product")
-    return float(scaling) * (b @ a)
+    return float(scaling) * (b.reshape(b.shape[:2]) @ a.reshape(a.shape[0], -1))
+
+
+def refactor_like(delta: np.ndarray, rank: int, scaling: float, a_shape: tuple[int, ...],
+                  b_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """`refactor`, reshaped to factors of a layer whose A/B have (any rank) `a_shape`/`b_shape`."""
+    b, a = refactor(delta, rank, scaling)
+    return b.reshape(b_shape[0], rank, *b_shape[2:]), a.reshape(rank, *a_shape[1:])
 
 
 def aggregate_naive(states: Sequence[State], weights: Sequence[float]) -> State:
@@ -199,7 +216,8 @@ def aggregate_heterogeneous(
                 raise ValueError(f"client {i} {prefix}: ΔW {d.shape} != client 0 {deltas[0].shape}")
         target = sum(pk * d for pk, d in zip(p, deltas))  # (out, in)
         b, a = refactor(target, target_rank, target_scaling)  # (out, r), (r, in)
-        out[a_key], out[b_key] = a, b
+        out[a_key] = a.reshape(target_rank, *states[0][a_key].shape[1:])
+        out[b_key] = b.reshape(b.shape[0], target_rank, *states[0][b_key].shape[2:])
         norm = np.linalg.norm(target)
         approx = target_scaling * (b.astype(np.float64) @ a.astype(np.float64))
         errors[prefix] = float(np.linalg.norm(target - approx) / norm) if norm > 0 else 0.0
@@ -252,8 +270,9 @@ def fit_rank(state: State, rank: int, alpha: float) -> State:
         r_in = state[a_key].shape[0]
         if r_in == rank:
             continue
-        b, a = refactor(delta_w(state, prefix, alpha / r_in), rank, alpha / rank)
-        out[a_key], out[b_key] = a, b
+        out[b_key], out[a_key] = refactor_like(delta_w(state, prefix, alpha / r_in), rank,
+                                               alpha / rank, state[a_key].shape,
+                                               state[b_key].shape)
     return out
 
 
@@ -263,7 +282,7 @@ def pair_rank_problem(state: State, reference: dict[str, tuple[int, ...]]) -> st
         if a_key not in state or b_key not in state:
             continue  # missing keys are reported by the caller's key check
         a, b = np.shape(state[a_key]), np.shape(state[b_key])
-        if len(a) != 2 or len(b) != 2 or a[1] != reference[a_key][1] or \
-                b[0] != reference[b_key][0] or a[0] != b[1] or a[0] < 1:
+        if not _is_pair(a, b) or a[1:] != tuple(reference[a_key][1:]) or \
+                b[0] != reference[b_key][0] or b[2:] != tuple(reference[b_key][2:]):
             return f"{a_key}: LoRA factors {a} / {b} do not form a pair for this layer"
     return None

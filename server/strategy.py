@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from common import keys
 from common.adapter import rejection_reason
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, delta_w, lora_pairs,
-                              norm_bounded_mean, pair_rank_problem, refactor, reweight_towers,
+                              norm_bounded_mean, pair_rank_problem, refactor_like, reweight_towers,
                               update_norm)
 from common.rules import value_at
 from common.schema import CENTRAL_DP, Config, StrategyConfig
@@ -164,8 +164,9 @@ class ScreenedStrategy(Strategy):
         """The global adapter with every LoRA pair re-factored from the dense ΔW at `rank`."""
         state = dict(self.global_state)
         for prefix, (a_key, b_key) in lora_pairs(state).items():
-            state[b_key], state[a_key] = refactor(self.state.global_delta[prefix], rank,
-                                                  self.lora_alpha / rank)
+            state[b_key], state[a_key] = refactor_like(self.state.global_delta[prefix], rank,
+                                                       self.lora_alpha / rank,
+                                                       state[a_key].shape, state[b_key].shape)
         return state
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:

@@ -12,8 +12,10 @@ from common.lora_math import (
     aggregate_heterogeneous,
     aggregate_naive,
     delta_w,
+    fit_rank,
     lora_pairs,
     norm_bounded_mean,
+    pair_rank_problem,
     refactor,
     update_norm,
     weighted_mean,
@@ -225,3 +227,35 @@ def test_lora_pairs_maps_prefixes_and_rejects_orphans():
     with pytest.raises(ValueError, match="keys differ"):
         aggregate_naive([state, {QUERY + A: state[QUERY + A]}], [1, 1])
     assert delta_w(state, QUERY, 2.0).shape == (4, 3)
+
+
+CONV = "base_model.model.towers.image.encoder.blocks.5.0.conv_pw"
+
+
+def _conv_state(rng, rank: int, out: int = 10, inp: int = 6) -> dict[str, np.ndarray]:
+    """A PEFT Conv2d LoRA pair (1x1 kernel): A (r, in, 1, 1), B (out, r, 1, 1)."""
+    return {CONV + A: rng.normal(size=(rank, inp, 1, 1)).astype(np.float32),
+            CONV + B: rng.normal(size=(out, rank, 1, 1)).astype(np.float32)}
+
+
+def test_conv_lora_factors_pair_refactor_and_aggregate_like_linear_ones():
+    rng = np.random.default_rng(7)
+    states = [_conv_state(rng, r) for r in (2, 4)]
+    # ΔW = s · B A as the conv weight (out, in, 1, 1): einsum over the rank, flattened kernel.
+    ref = 0.5 * np.einsum("oryx,riyx->oi", states[1][CONV + B].astype(np.float64),
+                          states[1][CONV + A].astype(np.float64))
+    np.testing.assert_allclose(delta_w(states[1], CONV, 0.5), ref, rtol=1e-12)
+    reference = {k: v.shape for k, v in states[1].items()}
+    assert pair_rank_problem(states[0], reference) is None  # another rank, same layer: fine
+    wrong_kernel = {CONV + A: np.zeros((2, 6, 3, 3), np.float32), CONV + B: states[0][CONV + B]}
+    assert "do not form a pair" in pair_rank_problem(wrong_kernel, reference)
+    merged, _ = aggregate_heterogeneous(states, [1.0, 3.0], [8 / 2, 8 / 4], 4, 8 / 4)
+    assert merged[CONV + A].shape == (4, 6, 1, 1) and merged[CONV + B].shape == (10, 4, 1, 1)
+    dense = 0.25 * delta_w(states[0], CONV, 4.0) + 0.75 * delta_w(states[1], CONV, 2.0)
+    u, sig, vt = np.linalg.svd(dense)
+    np.testing.assert_allclose(delta_w(merged, CONV, 2.0), (u[:, :4] * sig[:4]) @ vt[:4],
+                               atol=1e-4)
+    refit = fit_rank(states[0], 3, 8.0)
+    assert refit[CONV + A].shape == (3, 6, 1, 1)
+    np.testing.assert_allclose(delta_w(refit, CONV, 8 / 3), delta_w(states[0], CONV, 4.0),
+                               atol=1e-4)  # rank 2 fits in rank 3 exactly
