@@ -27,7 +27,8 @@ from common.train import train_local
 MODELS = {  # name -> overrides
     "cnn (model=minilm_cnn)": ["model=minilm_cnn"],
     "lite0 frozen": ["model.vision.target_modules=[]"],
-    "lite0 + LoRA (default)": [],
+    "lite0 + LoRA, text LoRA in all 6 layers": ["model.text.lora_layers=0"],
+    "lite0 + LoRA, text LoRA in the top 2 (default)": [],
 }
 
 

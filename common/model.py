@@ -78,7 +78,8 @@ def build_tower(modality: str, cfg: ModelConfig) -> nn.Module:
     if modality == "text":
         from common.towers.text import TextTower
 
-        return TextTower(cfg.text.name_or_path, cfg.text.target_modules, cfg.text.max_length)
+        return TextTower(cfg.text.name_or_path, cfg.text.target_modules, cfg.text.max_length,
+                         cfg.text.lora_layers)
     if modality == "image":
         if cfg.vision.name_or_path is None:
             return SmallCNN(cfg.vision.channels)

@@ -51,6 +51,7 @@ class TextTowerConfig:
     name_or_path: str
     max_length: int = spec(gt=0)
     target_modules: tuple[str, ...] | None  # None: the tower's attention projections
+    lora_layers: int = spec(ge=0)  # LoRA only in the top N layers (the rest cached); 0: all
 
 
 @dataclass(frozen=True)

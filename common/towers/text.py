@@ -3,7 +3,8 @@
     input_ids --embeddings + layers[:k] (frozen, `stem`)--> hidden --layers[k:] + pool (`head`)--> (B, D)
 
 For BERT-family encoders (`embeddings` + `encoder.layer`) `k` is the first layer holding a LoRA
-target, so the stem's output can be cached per row while LoRA trains the rest. With LoRA from
+target (`lora_layers=N`: LoRA in the top N layers only), so the stem's output can be cached per
+row while LoRA trains the rest. With LoRA from
 the first layer on (the default) or another architecture there is no split: the stem passes
 the token ids through and the head runs the whole encoder.
 """
@@ -36,7 +37,8 @@ def resolve_name_or_path(name_or_path: str) -> str:
 class TextTower(nn.Module):
     """A pretrained text encoder with its tokenizer; `forward == head(stem(.))`."""
 
-    def __init__(self, name_or_path: str, lora_targets: Sequence[str] | None, max_length: int):
+    def __init__(self, name_or_path: str, lora_targets: Sequence[str] | None, max_length: int,
+                 lora_layers: int = 0):
         super().__init__()
         path = resolve_name_or_path(name_or_path)
         self.encoder = AutoModel.from_pretrained(path)
@@ -46,6 +48,9 @@ class TextTower(nn.Module):
         wanted = tuple(lora_targets) if lora_targets is not None else ATTENTION_PROJECTIONS
         self.lora_targets = resolve_targets(self, wanted) if wanted else []
         layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        if lora_layers and layers is not None:  # only the top `lora_layers` layers adapt
+            self.lora_targets = [t for t in self.lora_targets if not t.startswith(
+                "encoder.encoder.layer.") or int(t.split(".")[3]) >= len(layers) - lora_layers]
         first = min((int(t.split(".")[3]) for t in self.lora_targets
                      if t.startswith("encoder.encoder.layer.")), default=None)
         if not self.lora_targets and layers is not None:

@@ -17,9 +17,7 @@ CPU = torch.device("cpu")
 # A pretrained image tower with LoRA from stage 5 on (stem: stages 0-4) and a tiny BERT with
 # LoRA on its second layer only (stem: embeddings + layer 0): both towers have a stem to cache.
 SPLIT = ["model.vision.name_or_path=embedded:efficientnet-lite0", "model.vision.image_size=32",
-         "model.projection_dim=16",
-         "model.text.target_modules=[encoder.layer.1.attention.self.query,"
-         "encoder.layer.1.attention.self.value]"]
+         "model.projection_dim=16", "model.text.lora_layers=1"]
 
 
 @pytest.fixture(scope="module")
