@@ -15,12 +15,13 @@ from flwr.clientapp import ClientApp
 from common import keys
 from common.adapter import adapter_state, to_numpy
 from common.attacks import is_attacker, poison
+from common.faults import crashes, hang_seconds
 from common.schema import Config
 from common.strategies import LORA_MODES
 from common.train import evaluate as evaluate_model
 from common.train import train_local
 from client.privacy import local_dp_train, privacy_mod
-from client.site import load_site, run_config
+from client.site import Site, load_site, run_config
 
 app = ClientApp()
 
@@ -31,6 +32,7 @@ def train(msg: Message, context: Context) -> Message:
     _maybe_drop_out(run_config(context), context)
     site = load_site(msg, context)
     cfg = site.cfg
+    _maybe_hang(site, context)
     started = time.perf_counter()
     if cfg.privacy.dp == "local":
         metrics = local_dp_train(site, context)
@@ -42,6 +44,7 @@ def train(msg: Message, context: Context) -> Message:
     if not LORA_MODES[cfg.strategy.lora_aggregation].uploads_a:  # ffa: A never changes
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
     state = _maybe_poison(cfg, context, state, site.global_state)
+    _maybe_crash(site, context)
     reply = RecordDict({
         keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
@@ -61,6 +64,24 @@ def _maybe_drop_out(cfg: Config, context: Context) -> None:
     node = context.node_config
     if keys.PARTITION_ID in node and int(node[keys.PARTITION_ID]) in cfg.simulation.drop_sites:
         raise RuntimeError(f"simulated dropout of site {node[keys.PARTITION_ID]}")
+
+
+def _maybe_hang(site: Site, context: Context) -> None:
+    """Simulation only: a straggler hangs `simulation.straggler_s` in its straggler rounds."""
+    node = context.node_config
+    if keys.PARTITION_ID in node:
+        time.sleep(hang_seconds(site.cfg.simulation, site.server_round,
+                                int(node[keys.PARTITION_ID])))
+
+
+def _maybe_crash(site: Site, context: Context) -> None:
+    """Simulation only: `simulation.crash_fraction` of the sites crash before replying."""
+    node = context.node_config
+    if keys.PARTITION_ID in node and crashes(site.cfg.simulation, site.cfg.seed,
+                                             site.server_round, int(node[keys.PARTITION_ID]),
+                                             int(node[keys.NUM_PARTITIONS])):
+        raise RuntimeError(f"simulated crash of site {node[keys.PARTITION_ID]} in round "
+                           f"{site.server_round}")
 
 
 def _maybe_poison(cfg: Config, context: Context, state: dict, global_state: dict) -> dict:

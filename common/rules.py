@@ -42,6 +42,12 @@ def _dropout(c: Config) -> float:
     return c.train.modality_dropout_text + c.train.modality_dropout_image
 
 
+def _failing_sites(c: Config) -> int:
+    """Sites that fail each round by config: dropped ones plus the crashing share."""
+    sim = c.simulation
+    return len(set(sim.drop_sites)) + round(sim.crash_fraction * c.partition.num_clients)
+
+
 def _missing_skews(c: Config) -> dict:
     return {k: v for k, v in vars(c.skew).items() if k.startswith("missing_") and v > 0}
 
@@ -76,6 +82,20 @@ RULES: tuple[Rule, ...] = (
     Rule("strategy.min_available_nodes",
          lambda c: c.strategy.min_available_nodes <= c.partition.num_clients,
          lambda c: f"in [1, partition.num_clients={c.partition.num_clients}]"),
+    Rule("strategy.min_completed_rounds",
+         lambda c: c.strategy.min_completed_rounds is None
+         or c.strategy.min_completed_rounds <= c.strategy.rounds,
+         lambda c: f"null (all) or in [1, strategy.rounds={c.strategy.rounds}]"),
+    # simulated faults
+    Rule("simulation.crash_fraction",
+         lambda c: c.partition.num_clients - _failing_sites(c) >= c.strategy.min_train_nodes,
+         lambda c: f"small enough to leave strategy.min_train_nodes={c.strategy.min_train_nodes}"
+                   f" of partition.num_clients={c.partition.num_clients} sites training "
+                   f"(with simulation.drop_sites={list(c.simulation.drop_sites)})",
+         when=lambda c: c.simulation.crash_fraction > 0),
+    Rule("simulation.straggler_s", lambda c: c.simulation.straggler_s > 0,
+         "> 0 with simulation.straggler_sites set",
+         when=lambda c: bool(c.simulation.straggler_sites)),
     Rule("train.proximal_mu", lambda c: c.train.proximal_mu > 0, "> 0 with strategy=fedprox",
          when=lambda c: c.strategy.name == "fedprox"),
     Rule("train.modality_dropout_text", lambda c: _dropout(c) <= 1,

@@ -147,18 +147,24 @@ class StrategyConfig:
     num_to_keep: int = spec(ge=1)            # multikrum: updates averaged after selection
     norm_bound: float = spec(ge=0)           # normbounded: clip each update (0: round's median)
     max_update_norm: float = spec(ge=0)      # reject an update farther than this (0: no bound)
+    round_timeout_s: float = spec(gt=0)      # a round goes on without sites silent this long
+    min_completed_rounds: int | None = spec(ge=1)  # rounds that must aggregate (None: all)
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
     client_num_cpus: int = spec(gt=0)
     client_num_gpus: float = spec(ge=0)
-    timeout_s: int = spec(gt=0)
+    timeout_s: int = spec(gt=0)  # the whole run (per round: strategy.round_timeout_s)
     attack: str = spec(one_of=("none", "scale", "signflip"))  # simulated Byzantine sites
     attack_fraction: float = spec(ge=0, lt=1)  # share of sites that attack (lowest ids)
     attack_scale: float                        # `scale`: the update is multiplied by this
     site_ranks: tuple[int, ...] = spec(each_gt=0)  # LoRA rank per site, cycled; () = model's
     drop_sites: tuple[int, ...]  # partitions whose train fails (dropout tests)
+    crash_fraction: float = spec(ge=0, lt=1)  # share of sites crashing each round (seeded)
+    straggler_sites: tuple[int, ...]  # partitions that hang in `straggler_rounds`
+    straggler_rounds: tuple[int, ...] = spec(each_gt=0)
+    straggler_s: float = spec(ge=0)   # how long a straggler hangs before it trains
 
 
 @dataclass(frozen=True)

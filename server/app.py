@@ -55,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
                    strategy.round_stats, recorder.evaluate_round)
     else:
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,
-                       start_round=done + 1, timeout=cfg.simulation.timeout_s,
+                       start_round=done + 1, timeout=cfg.strategy.round_timeout_s,
                        evaluate_fn=evaluate_fn)
     recorder.finish(num_clients=len(list(grid.get_node_ids())))
 

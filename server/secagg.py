@@ -117,7 +117,7 @@ def run_secagg(grid: Grid, context: Context, cfg: Config, initial: dict[str, np.
         num_shares=as_count(p.num_shares),
         reconstruction_threshold=as_count(p.reconstruction_threshold),
         max_weight=p.max_weight, clipping_range=p.clipping_range,
-        quantization_range=p.quantization_range, timeout=float(cfg.simulation.timeout_s))
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.strategy.rounds),
-                           strategy=strategy)
+        quantization_range=p.quantization_range, timeout=s.round_timeout_s)
+    legacy = LegacyContext(context=context, strategy=strategy, config=ServerConfig(
+        num_rounds=s.rounds, round_timeout=s.round_timeout_s))
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)

@@ -88,10 +88,19 @@ def test_fedprox_option_sets_a_positive_mu():
     ("model.lora.r=eight", "model.lora.r"),
     ("train.modality_dropout_text=1.0", "train.modality_dropout_text"),
     ("train.modality_dropout_image=-0.1", "train.modality_dropout_image"),
+    ("strategy.round_timeout_s=0", "strategy.round_timeout_s"),
+    ("strategy.min_completed_rounds=0", "strategy.min_completed_rounds"),
+    (["strategy.rounds=3", "strategy.min_completed_rounds=4"], "strategy.min_completed_rounds"),
+    ("simulation.crash_fraction=1.0", "simulation.crash_fraction"),
+    (["partition.num_clients=4", "simulation.crash_fraction=0.75"], "simulation.crash_fraction"),
+    (["simulation.drop_sites=[0]", "partition.num_clients=3", "simulation.crash_fraction=0.3"],
+     "simulation.crash_fraction"),
+    ("simulation.straggler_sites=[0]", "simulation.straggler_s"),
+    ("simulation.straggler_rounds=[0]", "simulation.straggler_rounds"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config([override])
+        load_config(override if isinstance(override, list) else [override])
     message = str(err.value)
     assert key in message and "\n" not in message
 
