@@ -99,6 +99,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Submit a run (or resume one) and wait for it."""
     from launcher.deployment import train
+    from launcher.outcome import run_summary
     from launcher.prepare import compose, prepare
 
     if args.insecure == bool(args.ca):
@@ -106,11 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = prepare(compose(args.overrides, Path(args.resume) if args.resume else None))
     run = train(cfg, superlink=args.superlink, ca_cert=Path(args.ca) if args.ca else None,
                 timeout=args.timeout)
-    summary = Path(cfg.output_dir) / "summary.json"
-    if not run.ok or not summary.is_file():
-        raise DeployError(f"run {run.run_id} did not complete: {run.status} {run.details} "
-                          f"(log: {run.log_path}; resume with --resume {cfg.output_dir})")
-    print(summary.read_text())
+    summary = run_summary(run, Path(cfg.output_dir), resume=f"resume with --resume "
+                                                           f"{cfg.output_dir}")
+    print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 

@@ -22,8 +22,8 @@ from common.config import Config, from_run_config
 from common.model import Bundle
 from common.privacy import num_sampled_sites, resolve_noise_multiplier
 from common.task import cached_bundle, load_test_split, resolve_data
-from server.checkpoint import (META_FILE, last_checkpoint, load_strategy_state, restore_adapter,
-                               restore_rng_state)
+from server.checkpoint import (META_FILE, discard_partial, last_checkpoint, load_strategy_state,
+                               restore_adapter, restore_rng_state)
 from server.privacy import dp_wrapper
 from server.report import RunRecorder
 from server.secagg import run_secagg
@@ -68,6 +68,8 @@ def resume(cfg: Config, bundle: Bundle, strategy: ScreenedStrategy) -> int:
               flush=True)
         return 0
     done, folder = found
+    for partial in discard_partial(Path(cfg.output_dir)):
+        print(f"[fedmm] resume: removed the half-written {partial.name}", flush=True)
     restore_adapter(bundle, folder)
     strategy.restore(load_strategy_state(folder))
     restore_rng_state(json.loads((folder / META_FILE).read_text())["rng"])

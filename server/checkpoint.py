@@ -9,8 +9,9 @@ built strategy, so the next round aggregates exactly as the uninterrupted run wo
 
 A round folder `adapters/round-NNN/` is complete when it holds `checkpoint.json` (round number,
 Python/NumPy/torch RNG states): the folder is written under a temp name and renamed, so a
-crash leaves either the whole round or none of it. `last_checkpoint` finds the newest one and
-`restore_adapter` loads its adapter into the server's model for `resume=true`.
+crash leaves either the whole round or none of it (a temp folder, `.round-NNN-*`, which
+`last_checkpoint` never reads and `discard_partial` removes). `last_checkpoint` finds the newest
+one and `restore_adapter` loads its adapter into the server's model for `resume=true`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,14 @@ def last_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
         if re.fullmatch(r"round-\d+", folder.name) and (folder / META_FILE).is_file():
             found.append((json.loads((folder / META_FILE).read_text())["round"], folder))
     return max(found) if found else None
+
+
+def discard_partial(run_dir: Path) -> list[Path]:
+    """Remove round folders a crash left half-written (temp names); return what was removed."""
+    partial = sorted((Path(run_dir) / "adapters").glob(".round-*"))
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+    return partial
 
 
 def restore_adapter(bundle: Bundle, checkpoint_dir: Path) -> dict[str, np.ndarray]:

@@ -7,11 +7,14 @@
                              + server_state.safetensors (optimizer moments, residuals, ranks)
                              + checkpoint.json (round, RNG states): what `resume=true` reads
       adapter/               the final global adapter (same format)
-      summary.json           the run's one machine-readable result
+      summary.json           the run's one machine-readable result; `status` is `failed`
+                             (with `failure`, one line) when fewer than
+                             strategy.min_completed_rounds rounds aggregated an update
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -23,12 +26,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common.adapter import apply_base_residuals, set_adapter_state
-from common.config import Config, to_json
+from common.config import Config, StrategyConfig, to_json
 from common.data import Encoded
 from common.files import write_json_atomic
 from common.model import Bundle, backbone_bytes, save_adapter
 from common.train import evaluate
-from server.checkpoint import save_strategy_state, write_meta
+from server.checkpoint import last_checkpoint, save_strategy_state, write_meta
 from server.privacy import privacy_metrics
 from server.strategy import RoundStats, ScreenedStrategy, StrategyState
 
@@ -45,17 +48,34 @@ def save_adapter_atomic(bundle: Bundle, out_dir: Path, residuals: dict | None = 
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    save_adapter(bundle, tmp, residuals)
-    if state is not None:
-        save_strategy_state(state, tmp)
-    if server_round is not None:
-        write_meta(tmp, server_round)
-    old = out_dir.with_name(f".{out_dir.name}-old")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    try:
+        save_adapter(bundle, tmp, residuals)
+        if state is not None:
+            save_strategy_state(state, tmp)
+        _test_fault(server_round)
+        if server_round is not None:
+            write_meta(tmp, server_round)
+        old = out_dir.with_name(f".{out_dir.name}-old")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing behind
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _test_fault(server_round: int | None) -> None:
+    """Test-only hooks (tests/faults), mid-way through a checkpoint: a slow write, a full disk."""
+    if server_round is None:
+        return
+    if os.environ.get("FEDMM_TEST_DISK_FULL_ROUND") == str(server_round):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    time.sleep(float(os.environ.get("FEDMM_TEST_SLOW_CHECKPOINT_S", "0")))
+
+
+class CheckpointError(RuntimeError):
+    """A round's checkpoint could not be written (full disk, permissions); earlier ones stand."""
 
 
 class RunRecorder:
@@ -86,18 +106,30 @@ class RunRecorder:
                "site_train_s_max": max(stats.site_seconds, default=math.nan),
                "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"],
                "elapsed_s": round(time.monotonic() - self.started, 2),
+               "aggregated": stats.aggregated, "reasons": stats.reasons,
                **privacy_metrics(self.cfg, self.strategy.state.dp_releases, stats)}
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in row.items()}) + "\n")
         if server_round > 0:
-            save_adapter_atomic(self.bundle, self.run_dir / "adapters" / f"round-{server_round:03d}",
-                                self.strategy.state.residuals, self.strategy.snapshot(),
-                                server_round)
+            self.checkpoint(server_round)
         print(progress_line(row, self.cfg.strategy.rounds), flush=True)
         return {"test_loss": result["loss"], "test_accuracy": result["accuracy"],
                 "test_macro_f1": result["macro_f1"]}
+
+    def checkpoint(self, server_round: int) -> None:
+        """Write the round's checkpoint; on failure say which one is intact, in one line."""
+        folder = self.run_dir / "adapters" / f"round-{server_round:03d}"
+        try:
+            save_adapter_atomic(self.bundle, folder, self.strategy.state.residuals,
+                                self.strategy.snapshot(), server_round)
+        except OSError as err:
+            found = last_checkpoint(self.run_dir)
+            intact = (f"round {found[0]}'s checkpoint {found[1]} is intact" if found
+                      else "no earlier checkpoint")
+            raise CheckpointError(f"{folder}: checkpoint not written ({err.strerror or err}); "
+                                  f"{intact}; fix and resume the run") from None
 
     def finish(self, num_clients: int) -> dict:
         """Save the final adapter and write summary.json."""
@@ -119,7 +151,7 @@ class RunRecorder:
             "site_train_s_first": _finite(trained[0].get("site_train_s")) if trained else None,
             "site_train_s_steady": _finite(_mean([r["site_train_s"] for r in trained[1:]
                                                   if _finite(r.get("site_train_s"))])),
-            "rounds_without_updates": sum(1 for r in trained if r["replied"] == 0),
+            "rounds_without_updates": sum(1 for r in trained if not aggregated(r)),
             "wall_time_s": round(time.monotonic() - self.started, 2),
             "adapter_dir": str(adapter_dir.resolve()),
             "strategy": self.cfg.strategy.name,
@@ -128,9 +160,40 @@ class RunRecorder:
             "seed": self.cfg.seed,
             "privacy": asdict(self.cfg.privacy),
             **{k: last[k] for k in ("epsilon", "delta") if k in last},
+            **outcome(trained, self.cfg.strategy),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+
+def aggregated(row: dict) -> bool:
+    """Whether a metrics row's round produced a new global adapter."""
+    return bool(row.get("aggregated", row["replied"] > 0))  # rows written before the flag
+
+
+def outcome(trained: list[dict], cfg: StrategyConfig) -> dict:
+    """The run's status from its rounds' rows: `failed` when too few aggregated an update."""
+    done = [r for r in trained if aggregated(r)]
+    needed = cfg.min_completed_rounds or cfg.rounds
+    result = {"status": "completed" if len(done) >= needed else "failed",
+              "completed_rounds": len(done), "min_completed_rounds": needed,
+              "round_reasons": {str(r["round"]): r["reasons"] for r in trained if r.get("reasons")}}
+    if len(done) < needed:
+        lost = [r for r in trained if not aggregated(r)]
+        why = "; ".join(f"round {r['round']}: {_gist(r.get('reasons') or [])}" for r in lost[:3])
+        more = f"; ... ({len(lost)} rounds in all)" if len(lost) > 3 else ""
+        untrained = (". The reported test accuracy is the untrained initial adapter's"
+                     if not done else "")
+        result["failure"] = (f"{len(done)} of {len(trained)} rounds aggregated an update, fewer "
+                             f"than strategy.min_completed_rounds={needed}: {why}{more}{untrained}")
+    return result
+
+
+def _gist(reasons: list[str]) -> str:
+    if not reasons:
+        return "no usable update"
+    return " ".join(reasons[0].split()) + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1
+                                           else "")
 
 
 def _finite(value: float | None) -> float | None:
@@ -155,4 +218,10 @@ def progress_line(row: dict, rounds: int) -> str:
     return (f"[fedmm] round {row['round']:>3}/{rounds} | clients {row['replied']}/"
             f"{row['sampled']} (rejected {row['rejected']}) | train loss {loss} | "
             f"test acc {row['test_accuracy']:.3f} f1 {row['test_macro_f1']:.3f} | "
-            f"{row['elapsed_s']:.1f}s")
+            f"{row['elapsed_s']:.1f}s{_untrained_note(row)}")
+
+
+def _untrained_note(row: dict) -> str:
+    if row["round"] == 0:
+        return " | initial adapter, untrained"
+    return "" if aggregated(row) else " | no update aggregated: global adapter unchanged"

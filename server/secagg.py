@@ -82,7 +82,7 @@ class SecAggFedAvg(LegacyFedAvg):
             ref = self.global_state[name]
             self.global_state[name] = (ref + d.reshape(ref.shape)).astype(ref.dtype)
         counts = [res.num_examples for _, res in results]
-        stats.replied = len(results)
+        stats.replied, stats.aggregated = len(results), True
         stats.bytes_uploaded = len(results) * 8 * (1 + sum(d.size for d in delta))  # int64
         stats.train_loss = float(np.average([res.metrics.get(keys.TRAIN_LOSS, np.nan)
                                              for _, res in results], weights=counts))

@@ -18,6 +18,7 @@ What aggregation carries across rounds is one `StrategyState` (server/checkpoint
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -51,7 +52,9 @@ class RoundStats:
     site_epsilon: float = float("nan")  # local DP-SGD: the largest ε a site reported
     site_seconds: list[float] = field(default_factory=list)  # each kept site's training time
     secagg_bound: float = float("nan")  # SecAgg+: per-coordinate bound vs plaintext FedAvg
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why replies were lost: "node N: ..."
+    aggregated: bool = False  # the round produced a new global adapter
+    nodes: list[int] = field(default_factory=list)  # the node ids sampled
 
 
 @dataclass
@@ -142,7 +145,8 @@ class ScreenedStrategy(Strategy):
                                           keys.CONFIG: msg.content[keys.CONFIG]})
             if self.state.residuals:
                 msg.content[keys.BASE_RESIDUALS] = _record(self.state.residuals)
-        self.round_stats[server_round] = RoundStats(sampled=len(messages))
+        self.round_stats[server_round] = RoundStats(
+            sampled=len(messages), nodes=[m.metadata.dst_node_id for m in messages])
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -172,7 +176,10 @@ class ScreenedStrategy(Strategy):
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Drop and count replies unfit to aggregate; re-insert frozen A in ffa mode."""
         stats = self.round_stats.setdefault(server_round, RoundStats())
-        expected, kept = self.expected_keys(), []
+        expected, kept, replies = self.expected_keys(), [], list(replies)
+        for node in sorted(set(stats.nodes) - {m.metadata.src_node_id for m in replies}):
+            stats.reasons.append(f"node {node}: no reply within strategy.round_timeout_s="
+                                 f"{self.cfg.round_timeout_s:g}")
         for msg in replies:
             reason = _reply_problem(msg, expected, self.rank_flexible)
             if reason is None and self.cfg.max_update_norm > 0:
@@ -182,7 +189,7 @@ class ScreenedStrategy(Strategy):
                     reason = f"update norm {norm:.3g} exceeds strategy.max_update_norm"
             if reason is not None:
                 stats.rejected += 1
-                stats.reasons.append(reason)
+                stats.reasons.append(f"node {msg.metadata.src_node_id}: {reason}")
                 log.warning("round %d: rejected reply from node %d: %s", server_round,
                             msg.metadata.src_node_id, reason)
                 continue
@@ -226,6 +233,7 @@ class ScreenedStrategy(Strategy):
                 arrays[k] = Array(self.global_state[k])
         if metrics is not None and keys.TRAIN_LOSS in metrics:
             self.round_stats[server_round].train_loss = float(metrics[keys.TRAIN_LOSS])
+        self.round_stats[server_round].aggregated = arrays is not None
         return arrays, metrics
 
     def weight_towers_by_modality(self, arrays: ArrayRecord, kept: list[Message]) -> ArrayRecord:
@@ -281,11 +289,27 @@ def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
         stats.site_epsilon = max(reported)
 
 
+def client_error(reason: str) -> str:
+    """The gist of a Flower error reply, in one line: the ClientApp exception and its message.
+
+    Flower sends `<class 'T'>:<'message'>`; under Ray the message is Ray's whole traceback,
+    ending in Flower's `... Message: <the ClientApp's message>`.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)  # Ray colours its traceback
+    match = re.fullmatch(r"<class '([^']*)'>:<'(.*)'>", text, re.DOTALL)
+    if not match:
+        return " ".join(text.split())
+    kind, message = match[1].rsplit(".", 1)[-1], match[2]
+    if "Message: " in message:  # Ray's traceback around Flower's ClientAppException
+        return " ".join(message.rsplit("Message: ", 1)[1].split())
+    return f"{kind}: {' '.join(message.split())}"
+
+
 def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
                    rank_flexible: bool = False) -> str | None:
     """Why a train reply cannot be aggregated, or None (LoRA ranks may vary if flexible)."""
     if msg.has_error():
-        return f"client error: {msg.error.reason}"
+        return f"client error: {client_error(msg.error.reason)}"
     content = msg.content
     if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
         return "reply lacks the adapter arrays or the metrics"

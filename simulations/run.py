@@ -6,7 +6,9 @@
 
 Composes and validates the config, prepares the data and checks the split (a bad value stops
 here, before any work, with one line naming the key), then runs the ServerApp/ClientApp of this
-repository through `flwr run` and prints the run's summary.json.
+repository through `flwr run` and prints the run's summary.json. A run that did not complete,
+or in which fewer than `strategy.min_completed_rounds` rounds aggregated an update, exits
+non-zero with one line saying why (launcher/outcome.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from common.data import ManifestError, load_manifest
 from common.files import write_json_atomic
 from common.partition import label_counts, partition_indices, site_names
 from common.task import has_skew, site_data
+from launcher.outcome import run_summary
 from launcher.prepare import prepare as prepare_run
+from launcher.processes import DeployError
 from launcher.simulation import run_app
 from simulations.baselines import BASELINES
 from simulations.partition_report import write_partition_report
@@ -63,7 +67,8 @@ def site_skews(cfg: Config, names: list[str]) -> list[dict] | None:
 
 
 def launch(cfg: Config) -> dict:
-    """Run the federation for a prepared config; return its summary (raise if it failed)."""
+    """Run the federation for a prepared config; return its summary (DeployError if it failed:
+    Flower's run did not complete, or too few rounds aggregated an update)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     federation = {"num-supernodes": cfg.partition.num_clients,
@@ -73,11 +78,7 @@ def launch(cfg: Config) -> dict:
                   timeout=cfg.simulation.timeout_s, log_path=out / "flower.log",
                   env_extra={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                              "TOKENIZERS_PARALLELISM": "false"})
-    summary_path = out / "summary.json"
-    if not run.ok or not summary_path.is_file():
-        raise RuntimeError(f"federation did not complete: status {run.status} {run.details} "
-                           f"(log: {run.log_path})")
-    summary = json.loads(summary_path.read_text())
+    summary = run_summary(run, out, resume=f"resume with resume=true output_dir={out}")
     if summary["rounds_without_updates"]:
         print(f"fedmm: warning: {summary['rounds_without_updates']} round(s) got no usable "
               f"update (see 'rejected' in {out / 'metrics.jsonl'})", file=sys.stderr)
@@ -95,9 +96,9 @@ def main(raw: DictConfig) -> None:
     try:
         raw.output_dir = HydraConfig.get().runtime.output_dir  # one folder per (multi)run job
         cfg = prepare(validate(raw))
-    except (ConfigError, ManifestError) as err:
+        summary = launch(cfg)
+    except (ConfigError, ManifestError, DeployError) as err:
         sys.exit(f"fedmm: {err}")
-    summary = launch(cfg)
     if cfg.baselines:
         summary = add_baselines(cfg, summary)
     print(json.dumps(summary, indent=2, sort_keys=True))

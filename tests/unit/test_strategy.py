@@ -108,3 +108,34 @@ def test_each_tower_is_averaged_over_the_rows_holding_its_modality(weighting):
         weights = [s[column.get(tower, 1)] for s in sites]
         expected = np.average(np.stack([s[0][key] for s in sites]), axis=0, weights=weights)
         np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
+
+
+def test_every_lost_reply_is_named_by_node_error_replies_and_silent_sites_alike():
+    from flwr.app import Error
+
+    from tests.conftest import start_round
+
+    rng = np.random.default_rng(3)
+    global_state = _arrays(rng)
+    strategy = make_strategy(_cfg(min_train_nodes=1, round_timeout_s=30.0),
+                             ArrayRecord({k: Array(v) for k, v in global_state.items()}))
+    sent = sorted(start_round(strategy, 1, global_state, node_ids=(11, 12, 13)),
+                  key=lambda m: m.metadata.dst_node_id)
+    ok = Message(RecordDict({keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in
+                                                       _arrays(rng).items()}),
+                             keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 5})}),
+                 reply_to=sent[0])
+    crashed = Message(Error(code=2, reason="<class 'RuntimeError'>:<'disk on\nfire'>"),
+                      reply_to=sent[1])  # node 13 never answers
+    arrays, _ = strategy.aggregate_train(1, [ok, crashed])
+    stats = strategy.round_stats[1]
+    assert arrays is not None and stats.aggregated and stats.replied == 1
+    assert stats.reasons == ["node 13: no reply within strategy.round_timeout_s=30",
+                             "node 12: client error: RuntimeError: disk on fire"]
+
+
+def test_a_round_without_valid_updates_is_not_aggregated():
+    rng = np.random.default_rng(4)
+    strategy = make_strategy(_cfg(), ArrayRecord({k: Array(v) for k, v in _arrays(rng).items()}))
+    strategy.aggregate_train(1, [])
+    assert not strategy.round_stats[1].aggregated
