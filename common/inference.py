@@ -18,17 +18,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 from peft import PeftModel
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.config import ConfigError, ModelConfig, build, from_json
 from common.data import ManifestError, encode, load_manifest
-from common.model import Bundle, build_backbone, load_adapter, read_label_names
+from common.model import (LABELS_FILE, Bundle, build_backbone, load_adapter,
+                          read_label_names)
 from common.task import image_encoding
 from common.train import evaluate, pick_device, predict
 
 CONFIG_FILE = "config.json"
 MERGED_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "fedmm-model.json"
+WEIGHTS_FILE = "adapter_model.safetensors"  # what PEFT's save_pretrained writes
 
 
 def model_config_for(adapter_dir: Path) -> ModelConfig:
@@ -43,11 +46,38 @@ def _model_config(path: Path) -> ModelConfig:
     return build(ModelConfig, json.loads(path.read_text()), "model.")
 
 
-def load_for_inference(adapter_dir: str | Path) -> Bundle:
-    """The global model: backbone + adapter, ready to predict."""
+class AdapterError(ValueError):
+    """An adapter folder a user named is incomplete or damaged; the message names the file."""
+
+
+def check_adapter(adapter_dir: str | Path) -> Path:
+    """Refuse an adapter folder with a missing, truncated or corrupt file, in one line."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+        raise AdapterError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    weights = adapter_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterError(f"{weights}: missing (the adapter's weights)")
+    try:
+        with safe_open(str(weights), "np"):  # the header must cover the file exactly
+            pass
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{weights}: truncated or corrupt ({err})") from None
+    labels = adapter_dir / LABELS_FILE
+    try:
+        names = json.loads(labels.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{labels}: missing (the label names saved with the adapter)") from None
+    except (ValueError, OSError) as err:
+        raise AdapterError(f"{labels}: unreadable ({err})") from None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise AdapterError(f"{labels}: not a list of label names")
+    return adapter_dir
+
+
+def load_for_inference(adapter_dir: str | Path) -> Bundle:
+    """The global model: backbone + adapter, ready to predict."""
+    adapter_dir = check_adapter(adapter_dir)
     return load_adapter(model_config_for(adapter_dir), adapter_dir)
 
 

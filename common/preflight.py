@@ -10,6 +10,7 @@ settings (both are already caught and printed by the CLI and the simulation laun
     check_test_labels(label_names(train_ds), test_ds, cfg.data.test)
     check_device(cfg.device)
     check_writable(cfg.output_dir)
+    check_output_file(args.out)     # fedmm predict / evaluate: an output file
 """
 
 from __future__ import annotations
@@ -55,29 +56,48 @@ def check_test_labels(train_labels: Sequence[str], test_ds: datasets.Dataset,
                             f"has {_names(sorted(known))})")
 
 
-def check_device(setting: str) -> None:
+def check_device(setting: str, key: str = "device") -> None:
     """Refuse `device=cuda` (or `cuda:N`) when torch cannot use that GPU; `auto`/`cpu` pass."""
     if setting in ("auto", "cpu"):
         return
     if setting != "cuda" and not setting.startswith("cuda:"):
-        raise ConfigError(f"device must be one of ['auto', 'cpu', 'cuda'] (got {setting!r})")
+        raise ConfigError(f"{key} must be one of ['auto', 'cpu', 'cuda'] (got {setting!r})")
     if not torch.cuda.is_available():
-        raise ConfigError(f"device={setting}: no usable GPU (torch.cuda.is_available() is "
-                          f"False, torch {torch.__version__}); use device=auto or device=cpu")
+        raise ConfigError(f"{key}={setting}: no usable GPU (torch.cuda.is_available() is "
+                          f"False, torch {torch.__version__}); use {key}=auto or {key}=cpu")
     index = setting.partition(":")[2]
     if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-        raise ConfigError(f"device={setting}: this machine has {torch.cuda.device_count()} GPU(s)"
+        raise ConfigError(f"{key}={setting}: this machine has {torch.cuda.device_count()} GPU(s)"
                           f" (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
-def check_writable(folder: str | Path, key: str = "output_dir") -> Path:
-    """Create `folder` if missing and prove a file can be written there; return it resolved."""
-    folder = Path(folder).expanduser()
+def _write_problem(folder: Path) -> str | None:
+    """Why no file can be written in `folder` (created if missing), or None."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".fedmm-write-check-"):
             pass
     except OSError as err:
-        why = err.strerror or type(err).__name__
-        raise ConfigError(f"{key}={folder}: not a writable folder ({why})") from None
+        return err.strerror or type(err).__name__
+    return None
+
+
+def check_writable(folder: str | Path, key: str = "output_dir") -> Path:
+    """Create `folder` if missing and prove a file can be written there; return it resolved."""
+    folder = Path(folder).expanduser()
+    why = _write_problem(folder)
+    if why:
+        raise ConfigError(f"{key}={folder}: not a writable folder ({why})")
     return folder.resolve()
+
+
+def check_output_file(path: str | Path, key: str = "--out") -> Path:
+    """Refuse an output file that is a folder or whose folder cannot be written; return it."""
+    path = Path(path).expanduser()
+    why = "is a folder" if path.is_dir() else _write_problem(path.parent)
+    if why:
+        raise ConfigError(f"{key}={path}: cannot write this file ({why})")
+    return path.resolve()

@@ -113,10 +113,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_inference(args: argparse.Namespace) -> None:
+    """Before any model is built: the adapter's files, the manifest, the device, the output."""
+    from common.inference import check_adapter
+    from common.preflight import check_device, check_output_file, check_writable
+
+    check_adapter(args.adapter)
+    if getattr(args, "data", None) and not Path(args.data).is_file():
+        raise DeployError(f"{args.data}: manifest not found")
+    check_device(getattr(args, "device", "auto"), key="--device")
+    if args.command == "export":
+        check_writable(args.out, key="--out")
+    elif args.out:
+        check_output_file(args.out)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict label names for a manifest with the global adapter."""
     from common.inference import load_for_inference, predict_manifest
 
+    check_inference(args)
     n = predict_manifest(load_for_inference(args.adapter), args.data, args.out, args.device)
     print(f"[fedmm] wrote {n} predictions to {args.out}")
     return 0
@@ -126,6 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate the global adapter on a labelled manifest."""
     from common.inference import evaluate_manifest, load_for_inference
 
+    check_inference(args)
     result = evaluate_manifest(load_for_inference(args.adapter), args.data, args.device)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
@@ -141,6 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.merge:
         raise DeployError("export: only --merge is supported (the adapter folder itself is "
                           "the unmerged export)")
+    check_inference(args)
     print(f"[fedmm] merged model written to {export_merged(args.adapter, args.out)}")
     return 0
 
@@ -200,7 +218,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can cause (heavy modules are imported only by the commands that use them)."""
     errors: list[type[Exception]] = [CertsError, DeployError]
     for module, name in (("common.config", "ConfigError"), ("common.data", "ManifestError"),
-                         ("common.adapter", "AdapterMismatch")):
+                         ("common.adapter", "AdapterMismatch"),
+                         ("common.inference", "AdapterError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
