@@ -185,3 +185,186 @@ def test_probe_answers_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             line = str(err)
     assert expected in line, line
     assert "\n" not in line and "Traceback" not in line
+
+
+# --- the `fedmm` command and the launchers: exit code 2 (1 for simulations.run) and one line --
+
+@pytest.fixture(scope="module")
+def adapter_and_data(tmp_path_factory, tiny_text_dir) -> tuple[Path, Path]:
+    """A saved adapter (with its config.json) and a labelled manifest it can read."""
+    from common.config import to_json
+    from common.demo_data import generate
+    from common.model import build_model, save_adapter
+
+    root = tmp_path_factory.mktemp("cli-probes")
+    _, test = generate(root / "demo", 6, 6, seed=0)
+    cfg = load_config(["model=minilm_cnn", f"model.text.name_or_path={tiny_text_dir}",
+                       "model.fusion_dim=16", "model.vision.channels=[8]"])
+    labels = sorted({row["label"] for row in csv.DictReader(test.open())})
+    save_adapter(build_model(cfg.model, labels), root / "adapter")
+    (root / "adapter" / "config.json").write_text(to_json(cfg))
+    return root / "adapter", test
+
+
+def _damaged_copy(adapter: Path, tmp: Path, damage: Callable[[Path], None]) -> Path:
+    import shutil
+
+    copy = tmp / "damaged"
+    shutil.copytree(adapter, copy)
+    damage(copy)
+    return copy
+
+
+def _truncate(folder: Path) -> None:
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+
+
+def _failed_summary() -> Callable[[Path], None]:
+    """What the ServerApp writes when every round lost every reply (a writer of it)."""
+    from server.report import outcome
+
+    rows = [{"round": r, "replied": 0, "aggregated": False,
+             "reasons": ["node 7: client error: RuntimeError: simulated dropout of site 0"]}
+            for r in (1, 2)]
+    summary = {"test_accuracy": 0.167, **outcome(rows, load_config(["strategy.rounds=2"])
+                                                  .strategy)}
+
+    def write(out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary))
+    return write
+
+
+def _train_whose_rounds_all_failed(tmp: Path, mp: pytest.MonkeyPatch, _: Path,
+                                   __: Path) -> list[str]:
+    import launcher.deployment
+    import launcher.prepare
+    from launcher.flwr_cli import FlowerRun
+
+    write = _failed_summary()
+
+    def train(cfg, **_kwargs):
+        write(Path(cfg.output_dir))
+        return FlowerRun(run_id=1, status="finished:completed")
+    mp.setattr(launcher.prepare, "prepare", lambda cfg: cfg)
+    mp.setattr(launcher.deployment, "train", train)
+    return ["train", "--insecure", f"output_dir={tmp / 'run'}"]
+
+
+def _train_whose_serverapp_failed(tmp: Path, mp: pytest.MonkeyPatch, _: Path,
+                                  __: Path) -> list[str]:
+    import launcher.deployment
+    import launcher.prepare
+    from launcher.flwr_cli import FlowerRun
+
+    failed = FlowerRun(run_id=3, status="finished:failed", log_path=tmp / "flower.log",
+                       details="ServerApp failed with exception: checkpoint\nnot written")
+    mp.setattr(launcher.prepare, "prepare", lambda cfg: cfg)
+    mp.setattr(launcher.deployment, "train", lambda cfg, **_kwargs: failed)
+    return ["train", "--insecure", f"output_dir={tmp / 'run'}"]
+
+
+def _simulation_whose_rounds_all_failed(tmp: Path, mp: pytest.MonkeyPatch, _: Path,
+                                        __: Path) -> list[str]:
+    import simulations.run
+    from launcher.flwr_cli import FlowerRun
+
+    write = _failed_summary()
+
+    def run_app(*_args, log_path: Path, **_kwargs):
+        write(log_path.parent)
+        return FlowerRun(run_id=1, status="finished:completed", log_path=log_path)
+    mp.setattr(simulations.run, "prepare", lambda cfg: cfg)
+    mp.setattr(simulations.run, "run_app", run_app)
+    return ["simulate", f"output_dir={tmp / 'run'}"]
+
+
+def _args(*argv: str) -> Callable[..., list[str]]:
+    def build(tmp: Path, mp: pytest.MonkeyPatch, adapter: Path, data: Path) -> list[str]:
+        return [a.format(tmp=tmp, adapter=adapter, data=data) for a in argv]
+    return build
+
+
+def _with_adapter(damage: Callable[[Path], None], *argv: str) -> Callable[..., list[str]]:
+    def build(tmp: Path, mp: pytest.MonkeyPatch, adapter: Path, data: Path) -> list[str]:
+        return _args(*argv)(tmp, mp, _damaged_copy(adapter, tmp, damage), data)
+    return build
+
+
+def _without_gpu(*argv: str) -> Callable[..., list[str]]:
+    def build(tmp: Path, mp: pytest.MonkeyPatch, adapter: Path, data: Path) -> list[str]:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        return _args(*argv)(tmp, mp, adapter, data)
+    return build
+
+
+def _a_file_named(name: str, build: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    def wrapped(tmp: Path, mp: pytest.MonkeyPatch, adapter: Path, data: Path) -> list[str]:
+        (tmp / name).write_text("a file, not a folder")
+        return build(tmp, mp, adapter, data)
+    return wrapped
+
+
+PREDICT = ("predict", "--adapter", "{adapter}", "--data", "{data}", "--out", "{tmp}/p.csv")
+COMMAND_PROBES: list[tuple[str, Callable[..., list[str]], str]] = [
+    ("predict with a truncated adapter file", _with_adapter(_truncate, *PREDICT),
+     "damaged/adapter_model.safetensors: truncated or corrupt (Error while deserializing header"),
+    ("evaluate without the adapter file",
+     _with_adapter(lambda f: (f / "adapter_model.safetensors").unlink(), "evaluate", "--adapter",
+                   "{adapter}", "--data", "{data}"),
+     "damaged/adapter_model.safetensors: missing (the adapter's weights)"),
+    ("evaluate without labels.json",
+     _with_adapter(lambda f: (f / "labels.json").unlink(), "evaluate", "--adapter", "{adapter}",
+                   "--data", "{data}"),
+     "damaged/labels.json: missing (the label names saved with the adapter)"),
+    ("export without labels.json",
+     _with_adapter(lambda f: (f / "labels.json").unlink(), "export", "--adapter", "{adapter}",
+                   "--merge", "--out", "{tmp}/served"),
+     "damaged/labels.json: missing"),
+    ("predict --out under a file",
+     _a_file_named("runs", _args(*PREDICT[:-1], "{tmp}/runs/p.csv")),
+     "/runs/p.csv: cannot write this file ("),
+    ("evaluate --out under a file",
+     _a_file_named("runs", _args("evaluate", "--adapter", "{adapter}", "--data", "{data}",
+                                 "--out", "{tmp}/runs/scores.json")),
+     "/runs/scores.json: cannot write this file ("),
+    ("export --out under a file",
+     _a_file_named("runs", _args("export", "--adapter", "{adapter}", "--merge", "--out",
+                                 "{tmp}/runs/served")),
+     "/runs/served: not a writable folder ("),
+    ("predict --device cuda without a gpu", _without_gpu(*PREDICT, "--device", "cuda"),
+     "--device=cuda: no usable GPU"),
+    ("train: every round lost every reply", _train_whose_rounds_all_failed,
+     "fedmm train: run failed: 0 of 2 rounds aggregated an update, fewer than "
+     "strategy.min_completed_rounds=2: round 1: node 7: client error: RuntimeError: simulated "
+     "dropout of site 0; round 2:"),
+    ("train: the ServerApp failed", _train_whose_serverapp_failed,
+     "fedmm train: run 3 did not complete: finished:failed ServerApp failed with exception: "
+     "checkpoint not written"),
+    ("simulation: every round lost every reply", _simulation_whose_rounds_all_failed,
+     "fedmm: run failed: 0 of 2 rounds aggregated an update"),
+]
+
+
+@pytest.mark.parametrize("build,expected", [p[1:] for p in COMMAND_PROBES],
+                         ids=[p[0] for p in COMMAND_PROBES])
+def test_command_fails_with_one_line_and_a_nonzero_exit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        adapter_and_data: tuple[Path, Path], build: Callable[..., list[str]],
+        expected: str) -> None:
+    argv = build(tmp_path, monkeypatch, *adapter_and_data)
+    if argv[0] == "simulate":  # python -m simulations.run OVERRIDES
+        import simulations.run
+
+        monkeypatch.setattr("sys.argv", ["simulations.run", *argv[1:]])
+        with pytest.raises(SystemExit) as exit_:
+            simulations.run.main()
+        code, line = 1, str(exit_.value.code)
+    else:
+        from launcher.cli import main
+
+        code, line = main(argv), capsys.readouterr().err.strip()
+    assert code != 0
+    assert expected in line, line
+    assert "\n" not in line and "Traceback" not in line
