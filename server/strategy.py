@@ -54,7 +54,6 @@ class RoundStats:
     secagg_bound: float = float("nan")  # SecAgg+: per-coordinate bound vs plaintext FedAvg
     reasons: list[str] = field(default_factory=list)  # why replies were lost: "node N: ..."
     aggregated: bool = False  # the round produced a new global adapter
-    nodes: list[int] = field(default_factory=list)  # the node ids sampled
 
 
 @dataclass
@@ -107,6 +106,7 @@ class ScreenedStrategy(Strategy):
         self.state = StrategyState()
         self.round_stats: dict[int, RoundStats] = {}
         self.round_offset = 0  # a resumed run: rounds completed before this ServerApp started
+        self.sent: list[Message] = []  # this round's train messages
 
     def summary(self) -> None:
         self.inner.summary()
@@ -145,8 +145,8 @@ class ScreenedStrategy(Strategy):
                                           keys.CONFIG: msg.content[keys.CONFIG]})
             if self.state.residuals:
                 msg.content[keys.BASE_RESIDUALS] = _record(self.state.residuals)
-        self.round_stats[server_round] = RoundStats(
-            sampled=len(messages), nodes=[m.metadata.dst_node_id for m in messages])
+        self.round_stats[server_round] = RoundStats(sampled=len(messages))
+        self.sent = messages  # the Grid gives each its message id as it sends it
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -177,10 +177,15 @@ class ScreenedStrategy(Strategy):
         """Drop and count replies unfit to aggregate; re-insert frozen A in ffa mode."""
         stats = self.round_stats.setdefault(server_round, RoundStats())
         expected, kept, replies = self.expected_keys(), [], list(replies)
-        for node in sorted(set(stats.nodes) - {m.metadata.src_node_id for m in replies}):
+        # the node each reply answers for: the SuperLink itself answers for a lost node
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent
+                   if m.metadata.message_id}
+        nodes = [to_node.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+                 for m in replies]
+        for node in sorted({m.metadata.dst_node_id for m in self.sent} - set(nodes)):
             stats.reasons.append(f"node {node}: no reply within strategy.round_timeout_s="
                                  f"{self.cfg.round_timeout_s:g}")
-        for msg in replies:
+        for msg, node in zip(replies, nodes):
             reason = _reply_problem(msg, expected, self.rank_flexible)
             if reason is None and self.cfg.max_update_norm > 0:
                 state = _numpy(msg.content[keys.ARRAYS])
@@ -189,9 +194,9 @@ class ScreenedStrategy(Strategy):
                     reason = f"update norm {norm:.3g} exceeds strategy.max_update_norm"
             if reason is not None:
                 stats.rejected += 1
-                stats.reasons.append(f"node {msg.metadata.src_node_id}: {reason}")
-                log.warning("round %d: rejected reply from node %d: %s", server_round,
-                            msg.metadata.src_node_id, reason)
+                stats.reasons.append(f"node {node}: {reason}")
+                log.warning("round %d: rejected reply for node %d: %s", server_round, node,
+                            reason)
                 continue
             stats.bytes_uploaded += msg.content[keys.ARRAYS].count_bytes()
             self.state.node_ranks[msg.metadata.src_node_id] = self._rank(msg)

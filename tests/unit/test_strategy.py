@@ -119,19 +119,24 @@ def test_every_lost_reply_is_named_by_node_error_replies_and_silent_sites_alike(
     global_state = _arrays(rng)
     strategy = make_strategy(_cfg(min_train_nodes=1, round_timeout_s=30.0),
                              ArrayRecord({k: Array(v) for k, v in global_state.items()}))
-    sent = sorted(start_round(strategy, 1, global_state, node_ids=(11, 12, 13)),
+    sent = sorted(start_round(strategy, 1, global_state, node_ids=(11, 12, 13, 14)),
                   key=lambda m: m.metadata.dst_node_id)
+    for msg in sent:  # what the Grid does as it sends them
+        msg.metadata.__dict__["_message_id"] = msg.object_id
     ok = Message(RecordDict({keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in
                                                        _arrays(rng).items()}),
                              keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 5})}),
                  reply_to=sent[0])
     crashed = Message(Error(code=2, reason="<class 'RuntimeError'>:<'disk on\nfire'>"),
-                      reply_to=sent[1])  # node 13 never answers
-    arrays, _ = strategy.aggregate_train(1, [ok, crashed])
+                      reply_to=sent[1])
+    unreachable = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=sent[2])
+    unreachable.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for node 13
+    arrays, _ = strategy.aggregate_train(1, [ok, crashed, unreachable])  # 14 never answers
     stats = strategy.round_stats[1]
     assert arrays is not None and stats.aggregated and stats.replied == 1
-    assert stats.reasons == ["node 13: no reply within strategy.round_timeout_s=30",
-                             "node 12: client error: RuntimeError: disk on fire"]
+    assert stats.reasons == ["node 14: no reply within strategy.round_timeout_s=30",
+                             "node 12: client error: RuntimeError: disk on fire",
+                             "node 13: client error: Error: Node Unavailable"]
 
 
 def test_a_round_without_valid_updates_is_not_aggregated():
