@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration docker-e2e clean
+.PHONY: run test test-unit test-integration faults docker-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Not part of `make test`: the fault scenarios on real federations (tests/faults, marker
+# faults_slow; ~30 min on 2 busy cores) after the fuzzing and probes, then their table.
+FAULTS_RESULTS ?= runs/faults/results.jsonl
+faults: $(STAMP)
+	rm -f $(FAULTS_RESULTS)
+	FEDMM_FAULTS_RESULTS=$(FAULTS_RESULTS) $(BIN)/python -m pytest -q \
+	    -m "faults or faults_slow" tests/faults $(ARGS); status=$$?; \
+	    $(BIN)/python -m tests.faults.table $(FAULTS_RESULTS); exit $$status
 
 # Not part of `make test`: builds the images (offline, from docker/wheelhouse) and trains a
 # federation of containers under a Docker daemon of its own (root; README, "Deploy with Docker").

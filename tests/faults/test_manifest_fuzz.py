@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import tempfile
-from itertools import count
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,7 +41,7 @@ BAD = ["trunc.png", "trunc.jpg", "corrupt.png", "empty.png", "text.png", "header
 BAD_DATA = [n for n in BAD if n != "dir.png"]  # files that are not decodable images
 MISSING = ["missing.png", "../outside.png", "sub/"]  # with dir.png: no such file
 FRESH = "fresh.png"  # a new file per example, damaged at random
-_ids = count()
+_written = 0  # manifests written so far (the `make faults` table counts them)
 
 
 def _encoded(fmt: str, mode: str = "RGB", size: int = 16) -> bytes:
@@ -226,7 +225,9 @@ def _reference_rows(path: Path) -> int | None:
 
 def _write(pool: Path, suffix: str, data: bytes, fresh: bytes) -> Path:
     """Write the manifest and its fresh image in their own folder inside the pool."""
-    folder = pool / f"ex{next(_ids)}"
+    global _written
+    _written += 1
+    folder = pool / f"ex{_written}"
     (folder / "sub").mkdir(parents=True)
     for name in GOOD + BAD:  # the pool, by relative path from the manifest's folder
         (folder / name).symlink_to(pool / name)
