@@ -105,11 +105,13 @@ def tiny_whisper_dir(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(text_dir: Path, vision_dir: Path | None = None,
-                   audio_dir: Path | None = None, modalities: str = "image,text") -> list[str]:
+                   audio_dir: Path | None = None, modalities: str | None = "image,text"
+                   ) -> list[str]:
     """Hydra overrides that swap in the tiny towers (the small CNN unless `vision_dir`), for a
-    model of `modalities` (audio needs `audio_dir`)."""
-    out = ["model=minilm_cnn", f"model.text.name_or_path={text_dir}", "model.fusion_dim=16",
-           f"model.modalities=[{modalities}]"]
+    model of `modalities` (audio needs `audio_dir`; None: the training manifest's)."""
+    out = ["model=minilm_cnn", f"model.text.name_or_path={text_dir}", "model.fusion_dim=16"]
+    if modalities is not None:
+        out.append(f"model.modalities=[{modalities}]")
     if vision_dir is not None:
         out.append(f"model.vision.name_or_path={vision_dir}")
     if audio_dir is not None:
