@@ -45,11 +45,12 @@ def train(msg: Message, context: Context) -> Message:
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
     state = _maybe_poison(cfg, context, state, site.global_state)
     _maybe_crash(site, context)
+    with_modality = {keys.NUM_MODALITY_EXAMPLES[m]: int(site.train.has(m).sum())
+                     for m in cfg.model.modalities}  # weights each tower (server/strategy.py)
     reply = RecordDict({
         keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
-                                    keys.NUM_IMAGE_EXAMPLES: int(site.train.has_image.sum()),
-                                    keys.NUM_TEXT_EXAMPLES: int(site.train.has_text.sum()),
+                                    **with_modality,
                                     keys.TRAIN_LOSS: metrics["train_loss"],
                                     keys.TRAIN_SECONDS: seconds,
                                     **{k: metrics[k] for k in (keys.SITE_EPSILON,

@@ -97,8 +97,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _check_limits(value: Any, limits: Any, key: str) -> None:
-    """Raise ConfigError naming `key` if `value` is outside the field's `spec` range."""
-    if value is None:  # an optional setting left unset
+    """Raise ConfigError naming `key` if `value` is outside the field's `spec` range.
+
+    None is an unset value (filled in later, e.g. `model.modalities`): nothing to check.
+    """
+    if value is None:
         return
     checks = {"gt": (lambda v, b: v > b, "> {}"), "ge": (lambda v, b: v >= b, ">= {}"),
               "lt": (lambda v, b: v < b, "< {}"), "le": (lambda v, b: v <= b, "<= {}"),

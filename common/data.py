@@ -1,12 +1,13 @@
-"""Site datasets as manifests: load, validate and encode image+text+label rows.
+"""Site datasets as manifests: load, validate and encode rows of any modality subset + label.
 
 A manifest is a CSV (`.csv`) or JSON Lines (`.jsonl`, or `.json` holding lines or one list)
-file with columns `image` (path relative to the manifest's folder, or absolute), `text`,
-`label` (class name) and optionally `site`; a column name may appear once. `load_manifest`
-checks every row and decodes every image in full (the verdict is cached per file version),
-skips and counts bad rows, names the first few in its warning, and returns a
-`datasets.Dataset` with absolute image paths; `encode` turns it into tensors for training
-with the same decoder, so it never meets an image the check let through undecoded.
+file with a `label` column (class name), one or more modality columns, `image` and `audio`
+(paths relative to the manifest's folder, or absolute; audio: wav/flac/ogg, anything
+libsndfile reads) and `text`, and optionally `site`; a column name may appear once.
+`load_manifest` checks every row and decodes every image and audio file in full (the verdict is
+cached per file version), skips and counts bad rows, names the first few in its warning, and
+returns a `datasets.Dataset` with absolute paths; `encode` turns it into tensors for training
+with the same decoders, so it never meets a file the check let through undecoded.
 """
 
 from __future__ import annotations
@@ -20,21 +21,23 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.audio import AudioError, load_clip, read_audio
+from common.schema import MODALITIES
+
 log = logging.getLogger(__name__)
-REQUIRED = ("image", "text", "label")
 _HIGH_BIT_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 SHOWN_ROWS = 5  # rows named per skip reason in the warning
 # What PIL raises on bad image data (its plugins are not consistent about it)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
                   Image.DecompressionBombError)
-_VERDICTS: dict[tuple[str, int, int, int, int], str] = {}  # file key -> "" or the problem
+_VERDICTS: dict[tuple[str, tuple], str] = {}  # (modality, file key) -> "" or the problem
 _MAX_VERDICTS = 1_000_000
 
 
@@ -50,44 +53,115 @@ class ManifestStats:
     reasons: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped for it
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first rows ("line 4")
     columns: tuple[str, ...] = ()  # the manifest's own columns
+    modalities: tuple[str, ...] = ()  # the modality columns used, in MODALITIES order
+
+
+class Clips(NamedTuple):
+    """Audio rows as a tower takes them: features and which frames hold real audio."""
+
+    features: torch.Tensor  # (N, M, T) float32 log-mel (Whisper), or (N, S) waveform
+    mask: torch.Tensor  # (N, T) | (N, S) bool: real audio, not padding
+
+
+def _num_rows(value: Any) -> int:
+    return value.features.shape[0] if isinstance(value, Clips) else len(value)
+
+
+def _take(value: Any, idx: torch.Tensor) -> Any:
+    """The rows `idx` of one modality's inputs (a tensor, a list of strings or Clips)."""
+    if isinstance(value, torch.Tensor):
+        return value[idx]
+    if isinstance(value, Clips):
+        return Clips(*(v[idx] for v in value))
+    return [value[i] for i in idx.tolist()]
 
 
 @dataclass
 class Encoded:
-    """Encoded rows; `has_image` / `has_text` mark which modalities each row really has."""
+    """Encoded rows: each modality's inputs, and which rows really have it.
 
-    pixel_values: torch.Tensor  # (N, 3, H, W) float32, normalised
-    texts: list[str]
+    `inputs` maps a modality to its rows: "image" (N, 3, H, W) float32 normalised, "text" N
+    strings, "audio" `Clips`. A modality missing from `inputs` is absent from every row; one in
+    `inputs` without a `present` mask is present in every row. Every row keeps one modality.
+    """
+
     labels: torch.Tensor  # (N,) int64 class indices
-    has_image: torch.Tensor | None = None  # (N,) bool; None: all True
-    has_text: torch.Tensor | None = None  # (N,) bool; None: all True
+    inputs: dict[str, Any]
+    present: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (N,) bool
     stems: dict = field(default_factory=dict, compare=False, repr=False)  # common/stems.py
 
     def __post_init__(self) -> None:
-        n = len(self.texts)
-        if self.pixel_values.shape[0] != n or self.labels.shape[0] != n:
-            raise RuntimeError(f"Encoded sizes disagree: {self.pixel_values.shape[0]}, {n}, "
-                               f"{self.labels.shape[0]}")
-        for name in ("has_image", "has_text"):
-            mask = getattr(self, name)
+        n = self.labels.shape[0]
+        masks = {}
+        for m, rows in self.inputs.items():
+            if _num_rows(rows) != n:
+                raise RuntimeError(f"Encoded {m} has {_num_rows(rows)} rows, labels {n}")
+            mask = self.present.get(m)
             mask = torch.ones(n, dtype=torch.bool) if mask is None else torch.as_tensor(
                 mask).to(torch.bool).reshape(-1)
             if mask.shape[0] != n:
-                raise RuntimeError(f"Encoded {name} has {mask.shape[0]} rows, expected {n}")
-            setattr(self, name, mask)
-        neither = ~(self.has_image | self.has_text)  # (N,)
-        if bool(neither.any()):
-            raise ValueError(f"{int(neither.sum())} rows have neither image nor text (first: row "
-                             f"{int(neither.nonzero()[0])}); a row must keep one modality")
+                raise RuntimeError(f"Encoded {m} mask has {mask.shape[0]} rows, expected {n}")
+            masks[m] = mask
+        if unknown := set(self.present) - set(self.inputs):
+            raise RuntimeError(f"Encoded masks for modalities without inputs: {sorted(unknown)}")
+        self.present = masks
+        none = ~torch.stack(list(masks.values())).any(0) if masks else torch.ones(n, dtype=bool)
+        if bool(none.any()):
+            raise ValueError(f"{int(none.sum())} rows have no modality (first: row "
+                             f"{int(none.nonzero()[0])}); a row must keep one modality")
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return self.labels.shape[0]
+
+    def has(self, modality: str) -> torch.Tensor:
+        """Which rows (N,) hold `modality` (all False if the data has none of it)."""
+        mask = self.present.get(modality)
+        return torch.zeros(len(self), dtype=torch.bool) if mask is None else mask
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities these rows were encoded with (some rows may lack them)."""
+        return tuple(self.inputs)
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        return self.inputs["image"]  # (N, 3, H, W)
+
+    @property
+    def texts(self) -> list[str]:
+        return self.inputs["text"]
+
+    @property
+    def has_image(self) -> torch.Tensor:
+        return self.has("image")  # (N,)
+
+    @property
+    def has_text(self) -> torch.Tensor:
+        return self.has("text")  # (N,)
 
     def subset(self, indices: Sequence[int]) -> Encoded:
         """Return the rows at `indices`, in that order."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return Encoded(self.pixel_values[idx], [self.texts[i] for i in idx.tolist()],
-                       self.labels[idx], self.has_image[idx], self.has_text[idx])
+        return Encoded(self.labels[idx], {m: _take(v, idx) for m, v in self.inputs.items()},
+                       {m: v[idx] for m, v in self.present.items()})
+
+    @staticmethod
+    def concat(parts: Sequence[Encoded]) -> Encoded:
+        """The rows of `parts`, one after the other (the same modalities in each)."""
+        modalities = parts[0].modalities
+        if any(p.modalities != modalities for p in parts):
+            raise ValueError(f"cannot concatenate rows of modalities "
+                             f"{sorted({p.modalities for p in parts})}")
+
+        def join(values: list) -> Any:
+            if isinstance(values[0], torch.Tensor):
+                return torch.cat(values)
+            if isinstance(values[0], Clips):
+                return Clips(*(torch.cat(v) for v in zip(*values)))
+            return [x for v in values for x in v]
+        return Encoded(torch.cat([p.labels for p in parts]),
+                       {m: join([p.inputs[m] for p in parts]) for m in modalities},
+                       {m: torch.cat([p.present[m] for p in parts]) for m in modalities})
 
 
 class _DuplicateKeys(ValueError):
@@ -161,25 +235,39 @@ def _read_rows(path: Path) -> tuple[set[str], list[tuple[str, Any]]]:
     return {k for _, r in rows for k in r}, rows
 
 
-def _check_row(row: dict[Any, Any], base: Path) -> tuple[dict[str, str] | None, str]:
-    """Return the cleaned row (image not yet decoded), or None and the reason it is unusable."""
+def _check_path(value: Any, base: Path, modality: str) -> tuple[str | None, str]:
+    """Resolve a row's image/audio path; None and the reason if it is unusable."""
+    if not isinstance(value, str) or not value.strip():
+        return None, f"empty {modality} path"
+    try:
+        path = Path(value.strip()).expanduser()
+        path = (path if path.is_absolute() else base / path).resolve()
+        if not path.is_file():
+            return None, f"missing {modality} file"
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, ~nosuchuser
+        return None, f"bad {modality} path"
+    return str(path), ""
+
+
+def _check_row(row: dict[Any, Any], base: Path, modalities: Sequence[str]
+               ) -> tuple[dict[str, str] | None, str]:
+    """Return the cleaned row (files not yet decoded), or None and the reason it is unusable."""
     if any(v not in (None, "") for v in row.get(None) or ()):  # csv.DictReader's extra cells
         return None, "more cells than columns"
-    text, label, image = row.get("text"), row.get("label"), row.get("image")
-    if not isinstance(text, str) or not text.strip():
+    text, label = row.get("text"), row.get("label")
+    if "text" in modalities and (not isinstance(text, str) or not text.strip()):
         return None, "empty or non-string text"
     if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
         return None, "empty label"
-    if not isinstance(image, str) or not image.strip():
-        return None, "empty image path"
-    try:
-        path = Path(image.strip()).expanduser()
-        path = (path if path.is_absolute() else base / path).resolve()
-        if not path.is_file():
-            return None, "missing image file"
-    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, ~nosuchuser
-        return None, "bad image path"
-    out = {"image": str(path), "text": text.strip(), "label": str(label).strip()}
+    out = {}
+    for m in modalities:
+        if m == "text":
+            out["text"] = text.strip()
+            continue
+        out[m], reason = _check_path(row.get(m), base, m)
+        if reason:
+            return None, reason
+    out["label"] = str(label).strip()
     if "site" in row:
         out["site"] = "" if row["site"] is None else str(row["site"])
     try:
@@ -207,6 +295,15 @@ def _decode_problem(path: str) -> str:
         return " ".join(str(err).split())[:80] or type(err).__name__
 
 
+def _audio_problem(path: str) -> str:
+    """Why `path` does not decode to audio samples ("" if it does)."""
+    try:
+        read_audio(path)
+        return ""
+    except AudioError as err:
+        return str(err).removeprefix(f"{path}: ")[:80]
+
+
 def _file_key(path: str) -> tuple[str, int, int, int, int] | None:
     try:
         st = os.stat(path)
@@ -215,20 +312,21 @@ def _file_key(path: str) -> tuple[str, int, int, int, int] | None:
     return path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def image_problems(paths: Sequence[str | Path]) -> list[str]:
-    """Return why each image cannot be fully decoded ("" if it can), decoding in threads.
+def file_problems(paths: Sequence[str | Path], modality: str = "image") -> list[str]:
+    """Return why each image (or audio) file cannot be fully decoded ("" if it can).
 
-    Verdicts are cached per (path, size, mtime, ctime, inode), so loading a manifest again
-    in the same process decodes only the files that changed.
+    Files are decoded in threads. Verdicts are cached per (modality, path, size, mtime, ctime,
+    inode), so loading a manifest again in the same process decodes only the files that changed.
     """
-    keys = [_file_key(str(p)) for p in paths]
+    problem = {"image": _decode_problem, "audio": _audio_problem}[modality]
+    keys = [(modality, k) if (k := _file_key(str(p))) else None for p in paths]
     todo = list(dict.fromkeys(k for k in keys if k is not None and k not in _VERDICTS))
-    files = [k[0] for k in todo]
+    files = [k[1][0] for k in todo]
     if len(files) < 64:
-        problems = [_decode_problem(f) for f in files]
-    else:
-        with ThreadPoolExecutor(_decode_workers()) as pool:  # PIL's decoders release the GIL
-            problems = list(pool.map(_decode_problem, files, chunksize=32))
+        problems = [problem(f) for f in files]
+    else:  # PIL's decoders and libsndfile release the GIL
+        with ThreadPoolExecutor(_decode_workers()) as pool:
+            problems = list(pool.map(problem, files, chunksize=32))
     _VERDICTS.update(zip(todo, problems))
     out = ["file vanished" if k is None else _VERDICTS[k] for k in keys]
     while len(_VERDICTS) > _MAX_VERDICTS:  # forget the oldest
@@ -241,12 +339,23 @@ def _decode_workers() -> int:
     return max(1, min(8, cpus or 1))
 
 
-def load_manifest(path: str | Path, default_label: str | None = None
+def manifest_columns(path: str | Path) -> tuple[str, ...]:
+    """The column names of a manifest, sorted (its rows are read, no file is decoded)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    return tuple(sorted(map(str, _read_rows(path)[0])))
+
+
+def load_manifest(path: str | Path, default_label: str | None = None,
+                  modalities: Sequence[str] | None = None
                   ) -> tuple[datasets.Dataset, ManifestStats]:
     """Load a manifest, skipping and counting bad rows; raise ManifestError if none are usable.
 
-    Every image is decoded in full, so what is kept will encode. `default_label` labels every
-    row of a manifest that has no `label` column (predict); it is ignored when one exists.
+    The modality columns used are those of `modalities` (default: image, text, audio) that the
+    manifest has; other columns are ignored. Every image and audio file is decoded in full, so
+    what is kept will encode. `default_label` labels every row of a manifest that has no
+    `label` column (predict); it is ignored when one exists.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -255,31 +364,38 @@ def load_manifest(path: str | Path, default_label: str | None = None
     if not raw:
         raise ManifestError(f"{path}: manifest has no rows")
     fill = default_label is not None and "label" not in columns
-    for col in REQUIRED:
-        if col not in columns and not (col == "label" and fill):
-            raise ManifestError(f"{path}: missing column '{col}' (required: {', '.join(REQUIRED)})")
+    if "label" not in columns and not fill:
+        raise ManifestError(f"{path}: missing column 'label' (required: label and one of "
+                            f"{', '.join(MODALITIES)})")
+    wanted = MODALITIES if modalities is None else tuple(modalities)
+    used = tuple(m for m in MODALITIES if m in columns and m in wanted)
+    if not used:
+        raise ManifestError(f"{path}: no modality column (needs one of {', '.join(wanted)}; "
+                            f"has {', '.join(sorted(map(str, columns)))})")
     base = path.resolve().parent
-    skips: dict[str, list[str]] = {}  # reason -> where (and why, for images), in file order
+    skips: dict[str, list[str]] = {}  # reason -> where (and why, for files), in file order
     checked: list[tuple[str, dict[str, str]]] = []
     for where, row in raw:
-        clean, reason = _check_row({**row, "label": default_label} if fill else row, base)
+        clean, reason = _check_row({**row, "label": default_label} if fill else row, base, used)
         if clean is None:
             skips.setdefault(reason, []).append(where)
         else:
             if "site" in columns:
                 clean.setdefault("site", "")
             checked.append((where, clean))
+    files = [m for m in used if m != "text"]
+    verdicts = {m: file_problems([c[m] for _, c in checked], m) for m in files}
     kept = []
-    problems = image_problems([c["image"] for _, c in checked])
-    for (where, clean), problem in zip(checked, problems):
-        if problem:
-            skips.setdefault("unreadable image", []).append(f"{where}: {problem}")
+    for i, (where, clean) in enumerate(checked):
+        bad = next((m for m in files if verdicts[m][i]), None)
+        if bad:
+            skips.setdefault(f"unreadable {bad}", []).append(f"{where}: {verdicts[bad][i]}")
         else:
             kept.append(clean)
     reasons = {k: len(v) for k, v in sorted(skips.items())}
     stats = ManifestStats(path, len(kept), sum(reasons.values()), reasons,
                           {k: v[:SHOWN_ROWS] for k, v in sorted(skips.items())},
-                          tuple(sorted(columns)))
+                          tuple(sorted(columns)), used)
     if not kept:
         raise ManifestError(f"{path}: all {len(raw)} rows are unusable ({_fmt(stats)})")
     if stats.skipped:
@@ -353,14 +469,56 @@ def encode_labels(labels: Iterable[str], names: Sequence[str],
     return torch.tensor(out, dtype=torch.long)  # (N,)
 
 
-def encode(ds: datasets.Dataset, names: Sequence[str], image_size: int, mean: Sequence[float],
-           std: Sequence[float], source: str | Path | None = None) -> Encoded:
-    """Encode a loaded manifest into pixel tensors, texts, label indices and presence masks.
+def encode_clips(paths: Sequence[str | Path], extractor: Any, clip_seconds: float) -> Clips:
+    """Read, mix to mono 16 kHz, crop/pad and featurize clips for an audio tower."""
+    rows = [_load_clip(p, extractor, clip_seconds) for p in paths]
+    if not rows:
+        return Clips(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    features = torch.from_numpy(np.stack([f for f, _ in rows]))  # (N, M, T) | (N, S)
+    length = features.shape[-1]
+    real = torch.tensor([r for _, r in rows])  # (N,)
+    return Clips(features, torch.arange(length) < real[:, None])  # (N, T) bool
 
-    Every manifest row has both modalities (`load_manifest` skips rows without); missing ones
-    are simulated later by `common.skews`, and `Encoded` refuses a row that lost both.
+
+def _load_clip(path: str | Path, extractor: Any, clip_seconds: float) -> tuple[np.ndarray, int]:
+    try:
+        return load_clip(path, extractor, clip_seconds)
+    except AudioError as err:  # changed since load_manifest checked it
+        raise ManifestError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a model takes its modalities' raw inputs (`common.task.input_encoding` builds one)."""
+
+    modalities: tuple[str, ...]  # the model's towers; others in a manifest are ignored
+    image_size: int = 0
+    image_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    audio_extractor: Any = None  # the audio tower's feature extractor (log-mel or waveform)
+    clip_seconds: float = 0.0
+
+
+def encode(ds: datasets.Dataset, names: Sequence[str], encoding: Encoding,
+           source: str | Path | None = None) -> Encoded:
+    """Encode a loaded manifest's modalities, label indices and presence masks.
+
+    Every manifest row holds each of the manifest's modality columns (`load_manifest` skips
+    rows without); a modality of the model that the manifest lacks is absent from every row.
+    Missing ones are simulated later by `common.skews`.
     """
-    present = torch.ones(len(ds), dtype=torch.bool)  # (N,)
-    return Encoded(encode_images(list(ds["image"]), image_size, mean, std), list(ds["text"]),
-                   encode_labels(list(ds["label"]), names, source),
-                   has_image=present, has_text=present.clone())
+    have = [m for m in encoding.modalities if m in ds.column_names]
+    if not have:
+        raise ManifestError(f"{source or 'manifest'}: none of the model's modalities "
+                            f"{list(encoding.modalities)} is a column")
+    inputs: dict[str, Any] = {}
+    for m in have:
+        if m == "image":
+            inputs[m] = encode_images(list(ds["image"]), encoding.image_size,
+                                      encoding.image_mean, encoding.image_std)
+        elif m == "text":
+            inputs[m] = list(ds["text"])
+        else:
+            inputs[m] = encode_clips(list(ds["audio"]), encoding.audio_extractor,
+                                     encoding.clip_seconds)
+    return Encoded(encode_labels(list(ds["label"]), names, source), inputs)

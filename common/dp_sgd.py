@@ -58,6 +58,11 @@ def train_local_dp(bundle: Bundle, data: Encoded, train: TrainConfig, *,
     The options DP-SGD cannot honour per sample are refused by the config rules
     (common/rules.py); `max_grad_norm` here is the per-sample clipping norm.
     """
+    for m in bundle.towers:  # the config rules refuse missing-modality skews; a site's data
+        if missing := int((~data.has(m)).sum()):  # may still lack a modality itself
+            raise ValueError(f"privacy.dp=local needs every row to hold each of the model's "
+                             f"modalities: {missing} of {len(data)} rows have no {m} (a tower "
+                             "that skips rows breaks Opacus's per-sample gradients)")
     batch_size = train.batch_size
     device = device or pick_device()
     stems = cached_stems(bundle, data, device)  # before Opacus hooks the trainable layers

@@ -25,7 +25,7 @@ from common.config import ConfigError, ModelConfig, build, from_json
 from common.data import ManifestError, encode, load_manifest
 from common.model import (LABELS_FILE, Bundle, build_backbone, load_adapter,
                           read_label_names)
-from common.task import image_encoding
+from common.task import input_encoding
 from common.train import evaluate, pick_device, predict
 
 CONFIG_FILE = "config.json"
@@ -83,31 +83,33 @@ def load_for_inference(adapter_dir: str | Path) -> Bundle:
 
 def predict_manifest(bundle: Bundle, manifest: str | Path, out_csv: str | Path,
                      device: str = "auto") -> int:
-    """Write one row per usable manifest row: image, text, predicted label name, confidence."""
+    """Write one row per usable manifest row: its modality columns, predicted label name,
+    confidence (and the label, when the manifest has one)."""
     manifest, out_csv = Path(manifest), Path(out_csv)
     if not manifest.is_file():
         raise ManifestError(f"{manifest}: manifest not found")
-    ds, stats = load_manifest(manifest, default_label=bundle.label_names[0])  # placeholder
+    ds, stats = load_manifest(manifest, default_label=bundle.label_names[0],  # placeholder
+                              modalities=bundle.cfg.modalities)
     has_truth = "label" in stats.columns
-    data = encode(ds, bundle.label_names, *image_encoding(bundle.cfg), source=manifest)
+    data = encode(ds, bundle.label_names, input_encoding(bundle.cfg), source=manifest)
     probs = predict(bundle, data, device=pick_device(device)).softmax(-1)  # (N, C)
     confidence, index = probs.max(-1)  # (N,), (N,)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "text", "prediction", "confidence"]
+        writer.writerow([*stats.modalities, "prediction", "confidence"]
                         + (["label"] if has_truth else []))
         for i in range(len(ds)):
-            row = [ds[i]["image"], ds[i]["text"], bundle.label_names[int(index[i])],
-                   f"{float(confidence[i]):.4f}"]
+            row = [ds[i][m] for m in stats.modalities] + [
+                bundle.label_names[int(index[i])], f"{float(confidence[i]):.4f}"]
             writer.writerow(row + ([ds[i]["label"]] if has_truth else []))
     return len(ds)
 
 
 def evaluate_manifest(bundle: Bundle, manifest: str | Path, device: str = "auto") -> dict:
     """Loss, accuracy and macro-F1 of the global model on a labelled manifest."""
-    ds, _ = load_manifest(manifest)
-    data = encode(ds, bundle.label_names, *image_encoding(bundle.cfg), source=manifest)
+    ds, _ = load_manifest(manifest, modalities=bundle.cfg.modalities)
+    data = encode(ds, bundle.label_names, input_encoding(bundle.cfg), source=manifest)
     return evaluate(bundle, data, device=pick_device(device))
 
 

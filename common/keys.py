@@ -22,6 +22,9 @@ SERVER_ROUND = "server-round"      # set by Flower's strategies
 NUM_EXAMPLES = "num-examples"      # Flower's default weighting key
 NUM_IMAGE_EXAMPLES = "num-image-examples"  # training rows with an image (weights the vision tower)
 NUM_TEXT_EXAMPLES = "num-text-examples"    # training rows with text (weights the text tower)
+NUM_AUDIO_EXAMPLES = "num-audio-examples"  # training rows with audio (weights the audio tower)
+NUM_MODALITY_EXAMPLES = {"image": NUM_IMAGE_EXAMPLES, "text": NUM_TEXT_EXAMPLES,
+                         "audio": NUM_AUDIO_EXAMPLES}
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"    # wall seconds of the site's local training this round
 EVAL_LOSS = "eval-loss"

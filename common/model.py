@@ -183,7 +183,8 @@ class MultimodalClassifier(nn.Module):
     Missing modalities are explicit: `<modality>_mask` (B,) booleans (absent: all present). A
     tower runs only on the rows that have its modality, so absent content never reaches a
     tower nor the logits. A tower's input is its raw input or, when given, its cached stem
-    output `<modality>_stem` (its masks still come as raw inputs).
+    output `<modality>_stem` (its masks still come as raw inputs); a modality that no row of
+    the batch holds may come as its mask alone.
     """
 
     def __init__(self, towers: dict[str, nn.Module], head: FusionHead):
@@ -202,6 +203,11 @@ class MultimodalClassifier(nn.Module):
                         else mask.to(device, torch.bool))
             main, *extra = RAW_INPUTS[m]
             cached = f"{m}_stem" in inputs
+            if not cached and main not in inputs:  # the data holds no such modality
+                if mask is None or bool(masks[m].any()):
+                    raise ValueError(f"rows marked with {m} but no {m} input given")
+                features[m] = None
+                continue
             first = inputs[f"{m}_stem"] if cached else inputs[main]
 
             def run(x, *rest, tower=tower, cached=cached):
@@ -237,6 +243,9 @@ class Bundle:
 
 def build_backbone(cfg: ModelConfig, num_labels: int) -> tuple[MultimodalClassifier, LoraConfig]:
     """Build the frozen towers and the fusion head (no adapters yet) and their LoRA settings."""
+    if cfg.modalities is None:
+        raise ValueError("model.modalities is unresolved; common.task.resolve_data fills it "
+                         "from the training manifest's columns")
     torch.manual_seed(BACKBONE_SEED)
     towers = {m: build_tower(m, cfg) for m in TOWER_ORDER if m in cfg.modalities}
     for tower in towers.values():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.schema import CENTRAL_DP, Config, ConfigError
+from common.schema import CENTRAL_DP, MODALITIES, Config, ConfigError
 from common.privacy import num_sampled_sites
 from common.strategies import LORA_MODES, names_where, traits
 
@@ -39,7 +39,15 @@ def _secagg(c: Config) -> bool:
 
 
 def _dropout(c: Config) -> float:
-    return c.train.modality_dropout_text + c.train.modality_dropout_image
+    t = c.train
+    return t.modality_dropout_text + t.modality_dropout_image + t.modality_dropout_audio
+
+
+def _absent_modality_skews(c: Config) -> dict:
+    """Missing-modality skews of a modality the model does not have (they would do nothing)."""
+    have = c.model.modalities or MODALITIES
+    return {k: v for k, v in vars(c.skew).items()
+            if k.startswith("missing_") and v > 0 and k.split("_")[1] not in have}
 
 
 def _failing_sites(c: Config) -> int:
@@ -98,9 +106,13 @@ RULES: tuple[Rule, ...] = (
          when=lambda c: bool(c.simulation.straggler_sites)),
     Rule("train.proximal_mu", lambda c: c.train.proximal_mu > 0, "> 0 with strategy=fedprox",
          when=lambda c: c.strategy.name == "fedprox"),
+    Rule("skew", lambda c: not _absent_modality_skews(c),
+         lambda c: f"free of missing-modality skews of modalities outside model.modalities="
+                   f"{list(c.model.modalities or ())}", got=_absent_modality_skews),
     Rule("train.modality_dropout_text", lambda c: _dropout(c) <= 1,
-         lambda c: f"<= 1 - train.modality_dropout_image = "
-                   f"{1 - c.train.modality_dropout_image:g} (a row never loses both)"),
+         lambda c: f"<= 1 - train.modality_dropout_image - train.modality_dropout_audio = "
+                   f"{1 - c.train.modality_dropout_image - c.train.modality_dropout_audio:g} "
+                   "(one draw per row hides one modality at most)"),
     # aggregation
     Rule("strategy.lora_aggregation", lambda c: traits(c.strategy.name).linear,
          lambda c: f"naive or ffa with strategy={c.strategy.name} (exact folds a non-linear "
@@ -125,8 +137,9 @@ RULES: tuple[Rule, ...] = (
     Rule("train.absent_class_scale", lambda c: c.train.absent_class_scale == 1, "1 " + LOCAL_DP
          + "the site's label set is not covered by per-sample clipping)", when=_local_dp),
     Rule("train.modality_dropout_text", lambda c: _dropout(c) == 0,
-         "0 (and modality_dropout_image 0) " + LOCAL_DP + "a tower that skips rows breaks "
-         "Opacus's per-sample gradients)", when=_local_dp, got=_dropout),
+         "0 (and modality_dropout_image, modality_dropout_audio 0) " + LOCAL_DP
+         + "a tower that skips rows breaks Opacus's per-sample gradients)", when=_local_dp,
+         got=_dropout),
     Rule("train.max_grad_norm", lambda c: c.train.max_grad_norm == 0, "0 " + LOCAL_DP
          + "DP-SGD clips each sample to privacy.clipping_norm)", when=_local_dp),
     Rule("strategy.name", lambda c: traits(c.strategy.name).central_dp,

@@ -17,7 +17,7 @@ from typing import Any
 from common.strategies import LORA_AGGREGATIONS, STRATEGIES
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-MODALITIES = ("image", "text")
+MODALITIES = ("image", "text", "audio")  # also the manifest columns that carry them
 DP_MODES = ("none", "server_fixed", "server_adaptive", "client_fixed", "client_adaptive", "local")
 CENTRAL_DP = ("server_fixed", "server_adaptive", "client_fixed", "client_adaptive")
 
@@ -63,14 +63,23 @@ class VisionTowerConfig:
 
 
 @dataclass(frozen=True)
+class AudioTowerConfig:
+    name_or_path: str  # embedded:whisper-*, or a HF Whisper / wav2vec2 / HuBERT id or folder
+    clip_seconds: float = spec(gt=0, le=30)  # every clip cropped or zero-padded to this
+    target_modules: tuple[str, ...] | None  # None: the tower's defaults; []: frozen tower
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     text: TextTowerConfig
     vision: VisionTowerConfig
+    audio: AudioTowerConfig
     lora: LoraSettings
     fusion: str = spec(one_of=("concat", "gated", "late"))  # how the head fuses the towers
     projection_dim: int = spec(ge=0)  # each tower's features projected to this width (0: none)
     fusion_dim: int = spec(gt=0)
-    modalities: tuple[str, ...] = spec(subset_of=MODALITIES, nonempty=True)
+    # None: the modality columns of the training manifest (common/task.py::resolve_data)
+    modalities: tuple[str, ...] | None = spec(subset_of=MODALITIES, nonempty=True)
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class DataConfig:
     demo_train: int = spec(ge=0)
     demo_test: int = spec(ge=0)
     demo_site_by_shape: float = spec(**UNIT)  # demo: chance a row's site is its shape's home
+    demo_audio: bool  # the demo adds a sound per row carrying a third factor of the label
     seed: int
 
 
@@ -104,8 +114,10 @@ class SkewConfig:
 
     missing_image_clients: float = spec(**UNIT)  # fraction of sites without any image
     missing_text_clients: float = spec(**UNIT)   # fraction of sites without any text
+    missing_audio_clients: float = spec(**UNIT)  # fraction of sites without any audio
     missing_image_rate: float = spec(**UNIT)     # per-sample probability that the image is absent
     missing_text_rate: float = spec(**UNIT)      # per-sample probability that the text is absent
+    missing_audio_rate: float = spec(**UNIT)     # per-sample probability that the audio is absent
     image_noise: float = spec(**UNIT)    # max Gaussian pixel noise std; site i gets [0, max]
     image_blur: float = spec(**UNIT)     # max Gaussian blur (1.0 = sigma of 3 pixels)
     text_corruption: float = spec(**UNIT)  # max per-word drop/swap probability
@@ -123,7 +135,8 @@ class TrainConfig:
     proximal_mu: float = spec(ge=0)         # FedProx: mu/2 * ||w - w_global||^2 (any strategy)
     absent_class_scale: float = spec(**UNIT)  # FedRS: logit factor for classes a site lacks
     modality_dropout_text: float = spec(ge=0, lt=1)   # chance a row's text is hidden a step
-    modality_dropout_image: float = spec(ge=0, lt=1)  # chance its image is (never both)
+    modality_dropout_image: float = spec(ge=0, lt=1)  # chance its image is
+    modality_dropout_audio: float = spec(ge=0, lt=1)  # chance its audio is (one at most per row)
     max_grad_norm: float = spec(ge=0)       # clip each step's gradient norm (0: off)
     label_smoothing: float = spec(ge=0, lt=1)  # cross-entropy label smoothing
 

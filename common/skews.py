@@ -1,15 +1,18 @@
 """Multimodal heterogeneity applied per site after partitioning: pure, seeded, recorded.
 
 `apply_skews` returns a skewed copy of a site's `Encoded` data and the realised statistics.
-Missing-modality *clients*: the first round(missing_image_clients * N) sites lose every image,
-the last round(missing_text_clients * N) sites lose every text (no overlap while both are
-< 0.5). Per-sample missing rates are the same on every site and drawn from one uniform u per
-sample: image absent if u < rate_image, else text absent if u >= 1 - rate_text, so both
-realised rates are exact (while rate_image + rate_text <= 1) and never overlap. The four
-*levels* (image_noise, image_blur, text_corruption, label_noise) are maxima: site i of N gets
-level * i / (N - 1). A sample never loses both modalities (the text is kept). Every draw comes
-from `numpy.random.default_rng([seed, site])`, one independent child stream per skew, so turning
-one skew on never changes the draws of another; nothing touches a global RNG.
+Missing-modality *clients*: of N sites, the first round(missing_image_clients * N) lose every
+image, the next round(missing_audio_clients * N) every audio clip and the last
+round(missing_text_clients * N) every text (no overlap while the three fractions sum to <= 1).
+Per-sample missing rates are the same on every site and drawn from one uniform u per sample:
+image absent if u < rate_image, else audio absent if u < rate_image + rate_audio, else text
+absent if u >= 1 - rate_text, so every realised rate is exact (while the rates sum to <= 1)
+and they never overlap. The four *levels* (image_noise, image_blur, text_corruption,
+label_noise) are maxima: site i of N gets level * i / (N - 1). A sample never loses all its
+modalities (it keeps its text, else its image, else its audio). Skews of a modality the data
+does not hold do nothing. Every draw comes from `numpy.random.default_rng([seed, site])`, one
+independent child stream per skew, so turning one skew on never changes the draws of another;
+nothing touches a global RNG.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import numpy as np
 import torch
 
 from common.config import SkewConfig
-from common.data import Encoded
+from common.data import Clips, Encoded
 
 MAX_BLUR_SIGMA = 3.0  # pixels: the Gaussian blur sigma at image_blur level 1
 STREAMS = ("missing", "image_noise", "text_corruption", "label_noise")
+KEEP_ORDER = ("text", "image", "audio")  # what a row that lost every modality keeps
 
 
 def site_levels(level: float, num_sites: int) -> list[float]:
@@ -98,37 +102,61 @@ def apply_skews(data: Encoded, cfg: SkewConfig, site: int, num_sites: int, seed:
     level = {k: site_levels(getattr(cfg, k), num_sites)[site]
              for k in ("image_noise", "image_blur", "text_corruption", "label_noise")}
 
-    no_images = site < missing_sites(cfg.missing_image_clients, num_sites)
-    no_texts = site >= num_sites - missing_sites(cfg.missing_text_clients, num_sites)
     u = streams["missing"].random(n)  # (N,)
-    drop_image = u < cfg.missing_image_rate  # (N,)
-    drop_text = (u >= 1 - cfg.missing_text_rate) & ~drop_image  # (N,) the text wins a tie
-    has_image = data.has_image & ~torch.from_numpy(drop_image | no_images)  # (N,)
-    has_text = data.has_text & ~torch.from_numpy(drop_text | no_texts)  # (N,)
-    neither = ~has_image & ~has_text  # (N,)
-    has_text |= neither & data.has_text  # keep the text where there was one ...
-    has_image |= neither & ~data.has_text  # ... else the image the row still had
+    lost_sites = missing_site_ranges(cfg, num_sites)
+    present = {}
+    for m in data.modalities:
+        low, high = _missing_band(cfg, m)
+        dropped = (u >= low) & (u < high) | (site in lost_sites[m])  # (N,)
+        present[m] = data.has(m) & ~torch.from_numpy(dropped)
+    none = ~torch.stack(list(present.values())).any(0)  # (N,) rows that lost everything
+    for m in KEEP_ORDER:  # keep the text where there was one, else the image, else the audio
+        if m in present:
+            kept = none & data.has(m)
+            present[m] |= kept
+            none &= ~kept
 
-    pixels = blur_images(data.pixel_values, level["image_blur"])  # (N, 3, H, W)
-    if level["image_noise"] > 0:
-        gen = torch.Generator().manual_seed(int(streams["image_noise"].integers(2**62)))
-        noise = torch.randn(pixels.shape, generator=gen, dtype=pixels.dtype)  # (N, 3, H, W)
-        pixels = pixels + level["image_noise"] * noise
-    pixels = torch.where(has_image.view(-1, 1, 1, 1), pixels, torch.zeros((), dtype=pixels.dtype))
-    texts = [corrupt_text(t, level["text_corruption"], streams["text_corruption"]) if keep
-             else "" for t, keep in zip(data.texts, has_text.tolist())]
+    inputs = dict(data.inputs)
+    if "image" in inputs:
+        pixels = blur_images(data.pixel_values, level["image_blur"])  # (N, 3, H, W)
+        if level["image_noise"] > 0:
+            gen = torch.Generator().manual_seed(int(streams["image_noise"].integers(2**62)))
+            noise = torch.randn(pixels.shape, generator=gen, dtype=pixels.dtype)
+            pixels = pixels + level["image_noise"] * noise  # (N, 3, H, W)
+        inputs["image"] = torch.where(present["image"].view(-1, 1, 1, 1), pixels,
+                                      torch.zeros((), dtype=pixels.dtype)).contiguous()
+    if "text" in inputs:
+        inputs["text"] = [corrupt_text(t, level["text_corruption"], streams["text_corruption"])
+                          if keep else "" for t, keep in zip(data.texts, present["text"].tolist())]
+    if "audio" in inputs:
+        clips = data.inputs["audio"]
+        keep = present["audio"].view(-1, *[1] * (clips.features.dim() - 1))
+        inputs["audio"] = Clips(torch.where(keep, clips.features, 0.0), clips.mask)
 
     if num_classes is None:
         num_classes = int(data.labels.max()) + 1 if n else 0
     labels = flip_labels(data.labels, level["label_noise"], num_classes, streams["label_noise"])
-    out = Encoded(pixels.contiguous(), texts, labels, has_image, has_text)
-    stats = {
-        "site": site, "image_missing_site": bool(no_images), "text_missing_site": bool(no_texts),
-        "missing_image_rate": float((~has_image).float().mean()) if n else 0.0,
-        "missing_text_rate": float((~has_text).float().mean()) if n else 0.0,
-        "label_flip_rate": float((labels != data.labels).float().mean()) if n else 0.0,
-        "image_noise": level["image_noise"], "image_blur": level["image_blur"],
-        "image_blur_sigma": level["image_blur"] * MAX_BLUR_SIGMA,
-        "text_corruption": level["text_corruption"], "label_noise": level["label_noise"],
-    }
+    out = Encoded(labels, inputs, present)
+    stats: dict = {"site": site}
+    for m in data.modalities:
+        stats[f"{m}_missing_site"] = site in lost_sites[m]
+        stats[f"missing_{m}_rate"] = float((~present[m]).float().mean()) if n else 0.0
+    stats["label_flip_rate"] = float((labels != data.labels).float().mean()) if n else 0.0
+    stats.update(level, image_blur_sigma=level["image_blur"] * MAX_BLUR_SIGMA)
     return out, stats
+
+
+def missing_site_ranges(cfg: SkewConfig, num_sites: int) -> dict[str, range]:
+    """The sites that lose each modality entirely: image first, audio next, text last."""
+    images = missing_sites(cfg.missing_image_clients, num_sites)
+    audio = missing_sites(cfg.missing_audio_clients, num_sites)
+    texts = missing_sites(cfg.missing_text_clients, num_sites)
+    return {"image": range(images), "audio": range(images, images + audio),
+            "text": range(num_sites - texts, num_sites)}
+
+
+def _missing_band(cfg: SkewConfig, modality: str) -> tuple[float, float]:
+    """The interval of the per-sample uniform u in which `modality` goes missing."""
+    image, audio = cfg.missing_image_rate, cfg.missing_audio_rate
+    return {"image": (0.0, image), "audio": (image, image + audio),
+            "text": (max(1.0 - cfg.missing_text_rate, image + audio), 1.0)}[modality]

@@ -5,7 +5,8 @@ and every round. `cached_stems(bundle, data)` computes it once, in eval mode and
 gradients, and keeps it on the `Encoded` rows (in memory; memory-mapped on disk above
 `FEDMM_STEM_CACHE_MB`), so training and evaluation then run only the towers' heads. The cache
 belongs to the rows it was computed from (a new split, image size or skew is a new `Encoded`)
-and to the towers that computed it (`stem_key`: another backbone or split point recomputes).
+and to the tower that computed it (`stem_key`: its own config; another backbone or split point
+recomputes, another LoRA rank, head or set of other towers does not).
 A tower whose stem holds no frozen block (LoRA from the first layer on, or the CNN) is not
 cached: its stem is cheap or larger than its input.
 """
@@ -30,18 +31,21 @@ def cacheable(tower: torch.nn.Module) -> bool:
     return bool(getattr(tower, "split", None))
 
 
-def stem_key(bundle) -> tuple:
-    """What the cached stems depend on: the towers' configs (not the LoRA rank or the head)."""
+def stem_key(bundle, modality: str) -> tuple:
+    """What one tower's cached stem depends on: that tower's config."""
     c = bundle.cfg
-    return (c.text, c.vision, c.modalities, getattr(c, "audio", None))
+    return modality, {"text": c.text, "image": c.vision, "audio": c.audio}[modality]
 
 
-def _stem_inputs(bundle, data: Encoded, modality: str) -> tuple[list[torch.Tensor], int]:
-    """The raw stem inputs of every row (and the second input the head needs, if any)."""
+def _stem_inputs(bundle, data: Encoded, modality: str) -> list[torch.Tensor]:
+    """The raw stem inputs of every row: the main one, then the mask the head also takes."""
+    rows = data.inputs[modality]
     if modality == "image":
-        return [data.pixel_values], 1
-    tok = bundle.towers["text"].tokenize(list(data.texts))
-    return [tok["input_ids"], tok["attention_mask"]], 2
+        return [rows]  # (N, 3, H, W)
+    if modality == "audio":
+        return [rows.features, rows.mask]  # (N, M, T), (N, T)
+    tok = bundle.towers["text"].tokenize(list(rows))
+    return [tok["input_ids"], tok["attention_mask"]]  # (N, T), (N, T)
 
 
 def _store(chunks: list[torch.Tensor]) -> torch.Tensor:
@@ -66,20 +70,18 @@ def _store(chunks: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def cached_stems(bundle, data: Encoded, device: torch.device) -> dict[str, tuple]:
     """Per cacheable tower: (stem outputs (N, ...), the head's extra inputs (N, ...) or None)."""
-    key = stem_key(bundle)
-    if data.stems.get("key") == key:
-        return data.stems["towers"]
-    towers = {}
+    out = {}
     for modality, tower in bundle.towers.items():
-        if not cacheable(tower):
+        if not cacheable(tower) or modality not in data.inputs:
             continue
-        was_training = tower.training
-        tower.eval()
-        inputs, _ = _stem_inputs(bundle, data, modality)
-        chunks = [tower.stem(*(x[i:i + BATCH].to(device) for x in inputs)).float().cpu()
-                  for i in range(0, len(data), BATCH)]
-        tower.train(was_training)
-        towers[modality] = (_store(chunks), inputs[1] if len(inputs) > 1 else None)
-    data.stems.clear()
-    data.stems.update(key=key, towers=towers)
-    return towers
+        key = stem_key(bundle, modality)
+        if key not in data.stems:
+            was_training = tower.training
+            tower.eval()
+            inputs = _stem_inputs(bundle, data, modality)
+            chunks = [tower.stem(*(x[i:i + BATCH].to(device) for x in inputs)).float().cpu()
+                      for i in range(0, len(data), BATCH)]
+            tower.train(was_training)
+            data.stems[key] = (_store(chunks), inputs[1] if len(inputs) > 1 else None)
+        out[modality] = data.stems[key]
+    return out

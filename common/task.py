@@ -1,8 +1,9 @@
 """What a site or the server needs for one run, built once per process and cached.
 
 The Flower apps call only these functions: `resolve_data` (generate the demo data or find the
-user's manifests, and fix the label set), `cached_bundle` (the backbone, built once per worker
-process and reused across rounds and virtual clients: only the adapter is swapped per message),
+user's manifests, and fix the label set and the model's modalities), `cached_bundle` (the
+backbone, built once per worker process and reused across rounds and virtual clients: only the
+adapter is swapped per message),
 `site_data` (a site's train/validation split: its partition in simulation, its own manifest in
 deployment) and `load_test_split` (the server's held-out split). Caches are keyed by the frozen
 config dataclasses themselves.
@@ -18,36 +19,50 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from common.data import Encoded, encode, label_names, load_manifest
+from common.data import (Encoded, Encoding, encode, label_names, load_manifest,
+                         manifest_columns)
 from common.demo_data import generate
 from common.model import Bundle, build_model
 from common.partition import partition_indices
-from common.schema import Config, ModelConfig, PartitionConfig, SkewConfig
+from common.rules import check_rules
+from common.schema import MODALITIES, Config, ConfigError, ModelConfig, PartitionConfig, SkewConfig
 from common.skews import apply_skews
 
 VALIDATION_FRACTION = 0.1  # of each site's data, held out for federated evaluation
 
 
 def resolve_data(cfg: Config) -> Config:
-    """`cfg` with absolute manifest paths and the label set filled in (demo data generated)."""
+    """`cfg` with absolute manifest paths, the label set and the model's modalities filled in
+    (demo data generated); a modality asked for but not in the training manifest is refused."""
     d = cfg.data
     if d.source == "demo" and not d.train:
         train, test = generate(Path(d.demo_dir).resolve(), d.demo_train, d.demo_test, d.seed,
-                               site_by_shape=d.demo_site_by_shape)
+                               site_by_shape=d.demo_site_by_shape, audio=d.demo_audio)
     else:
         train, test = Path(str(d.train)).resolve(), Path(str(d.test)).resolve()
-    labels = d.labels or tuple(manifest_labels(train))
-    return replace(cfg, data=replace(d, train=str(train), test=str(test), labels=labels))
+    columns = manifest_modalities(train)
+    modalities = cfg.model.modalities or columns
+    if missing := [m for m in modalities if m not in columns]:
+        raise ConfigError(f"model.modalities must be a subset of the training manifest's "
+                          f"modality columns {list(columns)} (got {list(modalities)}; {train} "
+                          f"has no column {', '.join(map(repr, missing))})")
+    modalities = tuple(m for m in MODALITIES if m in modalities)
+    labels = d.labels or tuple(label_names(_manifest(str(train), modalities)))
+    resolved = replace(cfg, data=replace(d, train=str(train), test=str(test), labels=labels),
+                       model=replace(cfg.model, modalities=modalities))
+    check_rules(resolved, check_files=False)  # the rules that need the modalities known
+    return resolved
 
 
 @lru_cache(maxsize=4)
-def _manifest(path: str) -> datasets.Dataset:
-    return load_manifest(path)[0]
+def _manifest(path: str, modalities: tuple[str, ...]) -> datasets.Dataset:
+    """A manifest's usable rows for a model of these modalities (the rows every split uses)."""
+    return load_manifest(path, modalities=modalities)[0]
 
 
-def manifest_labels(path: str | Path) -> list[str]:
-    """The label set, in class-index order, of a training manifest."""
-    return label_names(_manifest(str(path)))
+def manifest_modalities(path: str | Path) -> tuple[str, ...]:
+    """The modality columns of a manifest, in MODALITIES order (no file is decoded)."""
+    return tuple(m for m in MODALITIES if m in manifest_columns(path))
 
 
 _BUNDLES: OrderedDict[tuple[ModelConfig, tuple[str, ...]], Bundle] = OrderedDict()
@@ -67,8 +82,9 @@ def cached_bundle(cfg: ModelConfig, names: tuple[str, ...] | list[str]) -> Bundl
 
 
 @lru_cache(maxsize=4)
-def _partitions(path: str, partition: PartitionConfig, seed: int) -> list[list[int]]:
-    return partition_indices(_manifest(path), partition, seed)
+def _partitions(path: str, modalities: tuple[str, ...], partition: PartitionConfig, seed: int
+                ) -> list[list[int]]:
+    return partition_indices(_manifest(path, modalities), partition, seed)
 
 
 def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
@@ -79,13 +95,13 @@ def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 
 @lru_cache(maxsize=16)
-def _site_data(path: str, rows: tuple[int, ...] | None, names: tuple[str, ...], size: int,
-               mean: tuple, std: tuple, seed: int, skew: SkewConfig | None, site: int,
+def _site_data(path: str, rows: tuple[int, ...] | None, names: tuple[str, ...],
+               encoding: Encoding, seed: int, skew: SkewConfig | None, site: int,
                num_sites: int) -> tuple[Encoded, Encoded, dict]:
-    ds = _manifest(path)
+    ds = _manifest(path, encoding.modalities)
     if rows is not None:
         ds = ds.select(rows)
-    encoded = encode(ds, list(names), size, mean, std, source=path)
+    encoded = encode(ds, list(names), encoding, source=path)
     stats: dict = {}
     if skew is not None:  # simulated heterogeneity of this site's data (train and validation)
         encoded, stats = apply_skews(encoded, skew, site, num_sites, seed, num_classes=len(names))
@@ -98,11 +114,24 @@ def has_skew(cfg: Config) -> bool:
     return any(value > 0 for value in astuple(cfg.skew))
 
 
-def image_encoding(cfg: ModelConfig) -> tuple[int, tuple, tuple]:
-    """How images are encoded for this model: (size, mean, std) of its image tower."""
-    from common.towers.image import image_stats
+@lru_cache(maxsize=8)
+def input_encoding(cfg: ModelConfig) -> Encoding:
+    """How rows are encoded for this model: its modalities, image size and normalisation, the
+    audio tower's feature extractor and clip length."""
+    if cfg.modalities is None:
+        raise ValueError("model.modalities is unresolved (common.task.resolve_data fills it)")
+    image, audio = {}, {}
+    if "image" in cfg.modalities:
+        from common.towers.image import image_stats
 
-    return (cfg.vision.image_size, *image_stats(cfg.vision.name_or_path))
+        mean, std = image_stats(cfg.vision.name_or_path)
+        image = dict(image_size=cfg.vision.image_size, image_mean=mean, image_std=std)
+    if "audio" in cfg.modalities:
+        from common.towers.whisper import audio_feature_extractor
+
+        audio = dict(audio_extractor=audio_feature_extractor(cfg.audio.name_or_path),
+                     clip_seconds=cfg.audio.clip_seconds)
+    return Encoding(tuple(cfg.modalities), **image, **audio)
 
 
 def site_data(cfg: Config, *, train_manifest: str | Path, partition_id: int | None = None,
@@ -110,20 +139,21 @@ def site_data(cfg: Config, *, train_manifest: str | Path, partition_id: int | No
     """A site's (train, validation) data: partition `partition_id` of the manifest, or all of it.
 
     Simulated sites also get the configured multimodal skews; `with_stats` adds their realised
-    statistics as a third element.
+    statistics as a third element. Each site's files are decoded once per process.
     """
     rows, skew = None, None
     if partition_id is not None:
-        rows = tuple(_partitions(str(train_manifest), cfg.partition, cfg.seed)[partition_id])
+        rows = tuple(_partitions(str(train_manifest), tuple(cfg.model.modalities), cfg.partition,
+                                 cfg.seed)[partition_id])
         skew = cfg.skew if has_skew(cfg) else None
-    size, mean, std = image_encoding(cfg.model)
     train, val, stats = _site_data(
-        str(train_manifest), rows, tuple(cfg.data.labels), size, mean, std, cfg.seed, skew,
-        partition_id or 0, cfg.partition.num_clients)
+        str(train_manifest), rows, tuple(cfg.data.labels), input_encoding(cfg.model), cfg.seed,
+        skew, partition_id or 0, cfg.partition.num_clients)
     return (train, val, stats) if with_stats else (train, val)
 
 
 def load_test_split(cfg: Config) -> Encoded:
     """The held-out test split the server evaluates the global model on."""
     test = str(cfg.data.test)
-    return encode(_manifest(test), cfg.data.labels, *image_encoding(cfg.model), source=test)
+    encoding = input_encoding(cfg.model)
+    return encode(_manifest(test, encoding.modalities), cfg.data.labels, encoding, source=test)

@@ -6,7 +6,7 @@ modules_to_save) with every option of `TrainConfig`:
   absent_class_scale     FedRS's restricted softmax (Li & Zhan, KDD 2021): logits of classes the
                          site does not hold are scaled, so a site with few labels does not push
                          the shared head away from the others' classes
-  modality_dropout_*     each step hides some rows' text or image (never both): the fusion
+  modality_dropout_*     each step hides one modality of some rows (never their last): the fusion
                          head's learned placeholder stands in, so the head cannot lean on the
                          modality learned first
   max_grad_norm          one global gradient-norm clip per step (as HF Trainer)
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from common.data import Encoded
-from common.model import Bundle
+from common.model import RAW_INPUTS, Bundle
 from common.schema import TrainConfig
 from common.stems import cached_stems
 
@@ -44,46 +44,80 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None
 
 
 def model_inputs(bundle: Bundle, data: Encoded, idx: torch.Tensor, device: torch.device,
-                 hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 hidden: dict[str, torch.Tensor] | None = None,
                  stems: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
     """One batch's tower inputs (cached stem outputs where given) and presence masks.
 
-    `hidden`: (text, image) rows (B,) to treat as missing this step (modality dropout);
-    `stems`: `cached_stems` of `data`, used instead of the towers' raw inputs.
+    `hidden`: per modality, rows (B,) to treat as missing this step (modality dropout);
+    `stems`: `cached_stems` of `data`, used instead of the towers' raw inputs. A modality the
+    data does not hold gets its mask (all False) and no input: its tower skips every row.
     """
-    has_text, has_image = data.has_text[idx], data.has_image[idx]  # (B,)
-    if hidden is not None:
-        has_text, has_image = has_text & ~hidden[0], has_image & ~hidden[1]
-    stems, towers = stems or {}, bundle.towers
-    inputs = {"image_mask": has_image.to(device), "text_mask": has_text.to(device)}  # (B,)
-    if "image" in stems:
-        inputs["image_stem"] = stems["image"][0][idx].to(device)  # (B, C, h, w)
-    elif "image" in towers:
-        inputs["pixel_values"] = data.pixel_values[idx].to(device)  # (B, 3, H, W)
-    if "text" in stems:
-        stem, mask = stems["text"]
-        mask = mask[idx]  # (B, T_all)
-        length = int(mask.sum(1).max())  # the batch's longest text: as if tokenised alone
-        inputs["text_stem"] = stem[idx][:, :length].to(device)  # (B, T, D)
-        inputs["attention_mask"] = mask[:, :length].to(device)  # (B, T)
-    elif "text" in towers:
-        texts = [data.texts[i] if keep else "" for i, keep in zip(idx.tolist(), has_text.tolist())]
-        inputs.update({k: v.to(device) for k, v in towers["text"].tokenize(texts).items()})
+    stems, inputs = stems or {}, {}
+    for m, tower in bundle.towers.items():
+        present = data.has(m)[idx]  # (B,)
+        if hidden is not None and m in hidden:
+            present = present & ~hidden[m]
+        inputs[f"{m}_mask"] = present.to(device)
+        if m in stems:
+            inputs.update(_cached_inputs(m, stems[m], idx, device))
+        elif m in data.inputs:
+            inputs.update(_raw_inputs(m, tower, data.inputs[m], idx, present, device))
     return inputs
 
 
-def modality_dropout(has_text: torch.Tensor, has_image: torch.Tensor, text_rate: float,
-                     image_rate: float, generator: torch.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (B,) whose text / image to hide this step.
+def _cached_inputs(modality: str, cached: tuple, idx: torch.Tensor, device: torch.device
+                 ) -> dict[str, torch.Tensor]:
+    """A batch of cached stem outputs and the masks its tower's head takes."""
+    stem, mask = cached
+    if modality == "text":
+        mask = mask[idx]  # (B, T_all)
+        length = int(mask.sum(1).max())  # the batch's longest text: as if tokenised alone
+        return {"text_stem": stem[idx][:, :length].to(device),  # (B, T, D)
+                "attention_mask": mask[:, :length].to(device)}  # (B, T)
+    out = {f"{modality}_stem": stem[idx].to(device)}  # image (B, C, h, w); audio (B, T', D)
+    if mask is not None:
+        out[RAW_INPUTS[modality][1]] = mask[idx].to(device)  # audio: (B, T) real frames
+    return out
 
-    One uniform draw per row: below `text_rate` hides the text, the next `image_rate` hides the
-    image, so no row loses both; a row whose other modality is already missing keeps what it has.
+
+def _raw_inputs(modality: str, tower: nn.Module, rows, idx: torch.Tensor, present: torch.Tensor,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of a tower's raw inputs (RAW_INPUTS names them)."""
+    if modality == "text":  # hidden texts are tokenised blank: nothing of them reaches the tower
+        texts = [rows[i] if keep else "" for i, keep in zip(idx.tolist(), present.tolist())]
+        return {k: v.to(device) for k, v in tower.tokenize(texts).items()}
+    if modality == "audio":
+        return {"input_features": rows.features[idx].to(device),  # (B, M, T) | (B, S)
+                "feature_mask": rows.mask[idx].to(device)}  # (B, T) | (B, S)
+    return {"pixel_values": rows[idx].to(device)}  # (B, 3, H, W)
+
+
+DROPOUT_ORDER = ("text", "image", "audio")  # the bands of one uniform draw, in this order
+
+
+def modality_dropout(present: dict[str, torch.Tensor], rates: dict[str, float],
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Rows (B,) of each modality to hide this step.
+
+    One uniform draw per row: below `rates["text"]` hides the text, the next `rates["image"]`
+    the image, the next `rates["audio"]` the audio, so no row loses two; a row keeps a modality
+    it would otherwise be left without (it hides one only while it holds another).
     """
-    u = torch.rand(has_text.shape[0], generator=generator)  # (B,)
-    hide_text = (u < text_rate) & has_image
-    hide_image = (u >= text_rate) & (u < text_rate + image_rate) & has_text
-    return hide_text, hide_image
+    rows = next(iter(present.values())).shape[0]
+    u = torch.rand(rows, generator=generator)  # (B,)
+    count = torch.stack(list(present.values())).sum(0)  # (B,) modalities each row holds
+    hide, low = {}, 0.0
+    for m in DROPOUT_ORDER:
+        rate = rates.get(m, 0.0)
+        if m in present:
+            hide[m] = (u >= low) & (u < low + rate) & present[m] & (count > 1)
+        low += rate
+    return hide
+
+
+def dropout_rates(train: TrainConfig) -> dict[str, float]:
+    """The configured modality dropout rate of each modality."""
+    return {m: getattr(train, f"modality_dropout_{m}") for m in DROPOUT_ORDER}
 
 
 def _autocast(device: torch.device):
@@ -112,14 +146,15 @@ def train_local(bundle: Bundle, data: Encoded, train: TrainConfig, *, seed: int 
     labels = data.labels.to(device)
     scale = restricted_softmax_scale(labels, len(bundle.label_names),
                                      train.absent_class_scale)  # (C,)
-    text_rate, image_rate = train.modality_dropout_text, train.modality_dropout_image
+    rates = dropout_rates(train)
+    towers = list(bundle.towers)
     losses: list[float] = []
     for _ in range(train.epochs):
         for idx in batches(len(data), train.batch_size, generator):
             hidden = None
-            if text_rate or image_rate:  # no draw when off: same runs
-                hidden = modality_dropout(data.has_text[idx], data.has_image[idx], text_rate,
-                                          image_rate, generator)
+            if any(rates.values()):  # no draw when off: same runs
+                hidden = modality_dropout({m: data.has(m)[idx] for m in towers}, rates,
+                                          generator)
             with _autocast(device):
                 logits = model(**model_inputs(bundle, data, idx, device, hidden,
                                               stems)).float()  # (B, C)

@@ -3,7 +3,7 @@
 `compose` gives the validated config of a new run (Hydra overrides) or of a run to resume (its
 saved `config.json`); `prepare` makes its paths absolute, generates or finds the data, fixes the
 label set and the noise multiplier, and runs the pre-flight checks (common/preflight.py: every
-image decoded, test labels known to training, the device present, the output folder
+image and audio file decoded, test labels known to training, the device present, the output folder
 writable), so that a bad value or a bad file stops the run here with one line. Both `fedmm train` and `python -m simulations.run` use them.
 """
 
@@ -40,8 +40,9 @@ def prepare(cfg: Config) -> Config:
     if cfg.privacy.dp not in ("none", "local") and cfg.privacy.target_epsilon > 0:
         print(f"fedmm: noise multiplier {cfg.privacy.noise_multiplier:.4f} reaches "
               f"ε={cfg.privacy.target_epsilon} at δ={cfg.privacy.delta}", flush=True)
-    train_ds, _ = load_manifest(cfg.data.train)  # every image decoded once, bad rows counted
-    test_ds, _ = load_manifest(cfg.data.test)
+    used = cfg.model.modalities  # every image and clip decoded once, bad rows counted
+    train_ds, _ = load_manifest(cfg.data.train, modalities=used)
+    test_ds, _ = load_manifest(cfg.data.test, modalities=used)
     check_train_labels(train_ds, cfg.data.train)
     check_test_labels(cfg.data.labels, test_ds, cfg.data.test)
     check_device(cfg.device)

@@ -246,7 +246,7 @@ class ScreenedStrategy(Strategy):
         metrics = [m.content[keys.METRICS] for m in kept]
         totals = np.array([float(m[keys.NUM_EXAMPLES]) for m in metrics])
         counts = {}
-        for modality, key in (("image", keys.NUM_IMAGE_EXAMPLES), ("text", keys.NUM_TEXT_EXAMPLES)):
+        for modality, key in keys.NUM_MODALITY_EXAMPLES.items():
             c = np.array([float(m.get(key, m[keys.NUM_EXAMPLES])) for m in metrics])
             if not np.array_equal(c, totals):  # else every row has it: the mean already is that
                 counts[modality] = c
@@ -322,8 +322,7 @@ def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
     try:
         update = _numpy(content[keys.ARRAYS])
         num_examples = float(metrics.get(keys.NUM_EXAMPLES, 0))
-        with_modality = [float(metrics.get(k, 0)) for k in (keys.NUM_IMAGE_EXAMPLES,
-                                                            keys.NUM_TEXT_EXAMPLES)]
+        with_modality = [float(metrics.get(k, 0)) for k in keys.NUM_MODALITY_EXAMPLES.values()]
     except (ValueError, TypeError) as err:
         return f"reply cannot be decoded: {err}"
     if not all(0 <= c <= num_examples for c in with_modality):  # NaN fails too

@@ -33,7 +33,7 @@ def centralized(cfg: Config) -> dict[str, float]:
     s = cfg.strategy
     epochs = max(1, round(s.rounds * cfg.train.epochs * s.fraction_train))
     bundle = build_model(cfg.model, list(cfg.data.labels))
-    pooled = _concat(_sites(cfg))
+    pooled = Encoded.concat(_sites(cfg))
     train_local(bundle, pooled, replace(cfg.train, epochs=epochs, proximal_mu=0.0),
                 seed=cfg.seed, device=pick_device(cfg.device))
     result = evaluate(bundle, load_test_split(cfg))
@@ -52,16 +52,6 @@ def local(cfg: Config) -> dict[str, float]:
     return {"local_mean_accuracy": float(np.mean(accuracies)),
             "local_worst_accuracy": float(np.min(accuracies)),
             "local_accuracies": [float(a) for a in accuracies]}
-
-
-def _concat(parts: list[Encoded]) -> Encoded:
-    import torch
-
-    return Encoded(pixel_values=torch.cat([p.pixel_values for p in parts]),
-                   texts=[t for p in parts for t in p.texts],
-                   labels=torch.cat([p.labels for p in parts]),
-                   has_image=torch.cat([p.has_image for p in parts]),
-                   has_text=torch.cat([p.has_text for p in parts]))
 
 
 BASELINES = {"centralized": centralized, "local": local}

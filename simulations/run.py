@@ -43,7 +43,7 @@ APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.to
 def prepare(cfg: Config) -> Config:
     """Resolve paths, generate or check the data, and check the split before any training."""
     cfg = prepare_run(cfg)
-    train_ds, _ = load_manifest(cfg.data.train)
+    train_ds, _ = load_manifest(cfg.data.train, modalities=cfg.model.modalities)
     parts = partition_indices(train_ds, cfg.partition, cfg.seed)
     names = list(cfg.data.labels)
     write_partition_report(Path(cfg.output_dir), names, label_counts(train_ds, parts, names),
@@ -60,9 +60,9 @@ def site_skews(cfg: Config, names: list[str]) -> list[dict] | None:
     for site in range(cfg.partition.num_clients):
         train, val, stats = site_data(cfg, train_manifest=str(cfg.data.train),
                                       partition_id=site, with_stats=True)
-        images = float(torch.cat([train.has_image, val.has_image]).float().mean())
-        texts = float(torch.cat([train.has_text, val.has_text]).float().mean())
-        out.append({"images": images, "texts": texts, **stats})
+        present = {f"{m}_present": float(torch.cat([train.has(m), val.has(m)]).float().mean())
+                   for m in cfg.model.modalities}
+        out.append({**present, **stats})
     return out
 
 

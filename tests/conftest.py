@@ -11,7 +11,7 @@ import torch
 from dataclasses import replace
 
 from common.config import Config, TrainConfig, load_config
-from common.data import Encoded
+from common.data import Clips, Encoded
 from common.towers.text import EMBEDDED_TEXT, resolve_name_or_path
 
 torch.set_num_threads(2)
@@ -20,7 +20,8 @@ LABELS = ["a", "b", "c"]
 
 @pytest.fixture(scope="session")
 def default_cfg() -> Config:
-    return load_config([])
+    """The packaged defaults as a run on the (image + text) demo resolves them."""
+    return load_config(["model.modalities=[image,text]"])
 
 
 @pytest.fixture(scope="session")
@@ -87,22 +88,51 @@ def start_round(strategy, server_round: int, global_state: dict, node_ids=(1,)) 
     return list(strategy.configure_train(server_round, arrays, ConfigRecord(), NodeGrid(node_ids)))
 
 
-def tiny_overrides(text_dir: Path, vision_dir: Path | None = None) -> list[str]:
-    """Hydra overrides that swap in the tiny towers (the small CNN unless `vision_dir`)."""
-    out = ["model=minilm_cnn", f"model.text.name_or_path={text_dir}", "model.fusion_dim=16"]
-    if vision_dir is not None:
-        out.append(f"model.vision.name_or_path={vision_dir}")
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory) -> Path:
+    """A tiny Whisper encoder (2 layers, width 16) saved to disk: a real HF audio tower."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    out = tmp_path_factory.mktemp("tiny-whisper")
+    config = WhisperConfig(d_model=16, encoder_layers=2, encoder_attention_heads=2,
+                           encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
+                           decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=1500,
+                           architectures=["WhisperEncoder"])
+    torch.manual_seed(0)
+    WhisperEncoder(config).save_pretrained(out)
     return out
 
 
-def random_batch(n: int, num_labels: int = len(LABELS), seed: int = 0) -> Encoded:
-    """Random images and short texts whose first word decides the label (learnable)."""
+def tiny_overrides(text_dir: Path, vision_dir: Path | None = None,
+                   audio_dir: Path | None = None, modalities: str | None = "image,text"
+                   ) -> list[str]:
+    """Hydra overrides that swap in the tiny towers (the small CNN unless `vision_dir`), for a
+    model of `modalities` (audio needs `audio_dir`; None: the training manifest's)."""
+    out = ["model=minilm_cnn", f"model.text.name_or_path={text_dir}", "model.fusion_dim=16"]
+    if modalities is not None:
+        out.append(f"model.modalities=[{modalities}]")
+    if vision_dir is not None:
+        out.append(f"model.vision.name_or_path={vision_dir}")
+    if audio_dir is not None:
+        out.append(f"model.audio.name_or_path={audio_dir}")
+    return out
+
+
+def random_batch(n: int, num_labels: int = len(LABELS), seed: int = 0,
+                 modalities: tuple[str, ...] = ("image", "text"), frames: int = 100
+                 ) -> Encoded:
+    """Random images, random log-mel clips (`frames` long, the last rows' second half padding)
+    and short texts whose first word decides the label (learnable)."""
     g = torch.Generator().manual_seed(seed)
     words = ["stable", "growing", "unchanged", "larger", "same", "expanding"]
     ids = torch.randint(0, len(words), (n, 5), generator=g)
     texts = [" ".join(words[int(i)] for i in row) for row in ids]
-    return Encoded(pixel_values=torch.randn(n, 3, 32, 32, generator=g), texts=texts,
-                   labels=ids[:, 0] % num_labels)
+    mask = torch.ones(n, frames, dtype=torch.bool)
+    mask[n // 2:, frames // 2:] = False
+    inputs = {"image": torch.randn(n, 3, 32, 32, generator=g), "text": texts,
+              "audio": Clips(torch.randn(n, 80, frames, generator=g), mask)}
+    return Encoded(ids[:, 0] % num_labels, {m: inputs[m] for m in modalities})
 
 
 @pytest.fixture

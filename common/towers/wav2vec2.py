@@ -32,8 +32,9 @@ class SSLAudioTower(nn.Module):
         self.model = model.requires_grad_(False)  # PEFT's LoRA is the only trainable part
         self.feature_extractor = feature_extractor
         self.out_dim: int = model.config.hidden_size
-        self.lora_targets = resolve_targets(self, lora_targets)
-        first_layer(self.lora_targets, "model.encoder.layers")  # raises on a target in the stem
+        self.lora_targets = resolve_targets(self, lora_targets) if lora_targets else []  # frozen
+        if self.lora_targets:
+            first_layer(self.lora_targets, "model.encoder.layers")  # raises on one in the stem
 
     def frame_mask(self, feature_mask: torch.Tensor | None, frames: int) -> torch.Tensor | None:
         """Map a sample mask (B, S) to the frame mask (B, frames), as the model computes it."""
@@ -62,11 +63,15 @@ class SSLAudioTower(nn.Module):
         return self.head(self.stem(input_features, feature_mask), feature_mask)
 
 
+def ssl_feature_extractor(path: str) -> Wav2Vec2FeatureExtractor:
+    """The folder's feature extractor, else the default wav2vec2 one."""
+    try:
+        return AutoFeatureExtractor.from_pretrained(path)
+    except (OSError, ValueError):  # no preprocessor_config.json
+        return Wav2Vec2FeatureExtractor(return_attention_mask=True)
+
+
 def build_ssl_tower(path: str, lora_targets: Sequence[str]) -> SSLAudioTower:
     """Load a wav2vec2/HuBERT id or folder (and its feature extractor, else the default)."""
     model = AutoModel.from_pretrained(path, dtype=torch.float32)
-    try:
-        extractor = AutoFeatureExtractor.from_pretrained(path)
-    except (OSError, ValueError):  # no preprocessor_config.json
-        extractor = Wav2Vec2FeatureExtractor(return_attention_mask=True)
-    return SSLAudioTower(model, extractor, lora_targets)
+    return SSLAudioTower(model, ssl_feature_extractor(path), lora_targets)

@@ -13,18 +13,21 @@ HuBERT checkpoints (`common/towers/wav2vec2.py`) in the same interface.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, WhisperFeatureExtractor, WhisperModel
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from common.towers.packaged import EMBEDDED_WHISPER, converted_folder
 from common.towers.pooling import additive_mask, first_layer, masked_mean, resolve_targets
-from common.towers.wav2vec2 import SSL_MODEL_TYPES, SSLAudioTower, build_ssl_tower
+from common.towers.wav2vec2 import (SSL_MODEL_TYPES, SSLAudioTower, build_ssl_tower,
+                                     ssl_feature_extractor)
 
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # every layer's self-attention
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # the self-attention projections LoRA goes on
 
 
 class WhisperAudioTower(nn.Module):
@@ -36,8 +39,11 @@ class WhisperAudioTower(nn.Module):
         self.encoder = encoder.requires_grad_(False)  # PEFT's LoRA is the only trainable part
         self.feature_extractor = feature_extractor
         self.out_dim: int = encoder.config.d_model
-        self.lora_targets = resolve_targets(self, lora_targets)  # names relative to the tower
-        self.split = first_layer(self.lora_targets, "encoder.layers")
+        if lora_targets:  # names relative to the tower
+            self.lora_targets = resolve_targets(self, lora_targets)
+            self.split = first_layer(self.lora_targets, "encoder.layers")
+        else:  # a frozen tower: every layer is stem (cached), the head only norms and pools
+            self.lora_targets, self.split = [], len(encoder.layers)
         self.stride = encoder.conv1.stride[0] * encoder.conv2.stride[0]  # mel frames per frame
 
     def frame_mask(self, feature_mask: torch.Tensor | None, frames: int) -> torch.Tensor | None:
@@ -113,18 +119,44 @@ def _feature_extractor(path: str, n_mels: int) -> WhisperFeatureExtractor:
     return extractor
 
 
-def build_audio_tower(name_or_path: str | Path, lora_targets: Sequence[str] | None = None
-                      ) -> WhisperAudioTower | SSLAudioTower:
-    """Build an audio tower: `embedded:whisper-*`, or an HF Whisper/wav2vec2/HuBERT id/folder."""
+@lru_cache(maxsize=8)
+def audio_feature_extractor(name_or_path: str | Path) -> SequenceFeatureExtractor:
+    """The feature extractor the named audio tower takes its input from, without its weights."""
     path = str(converted_folder(name_or_path) if name_or_path in EMBEDDED_WHISPER
                else name_or_path)
-    targets = tuple(lora_targets) if lora_targets else DEFAULT_TARGETS
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == "whisper":
+        return _feature_extractor(path, config.num_mel_bins)
+    if config.model_type in SSL_MODEL_TYPES:
+        return ssl_feature_extractor(path)
+    raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not an audio tower "
+                     f"(whisper, {', '.join(SSL_MODEL_TYPES)})")
+
+
+def top_half_targets(num_layers: int) -> list[str]:
+    """Whisper's default LoRA targets: q/v of the top half of the layers (the rest is stem,
+    computed once per row and cached)."""
+    return [f"layers.{i}.self_attn.{p}" for i in range(num_layers // 2, num_layers)
+            for p in DEFAULT_TARGETS]
+
+
+def build_audio_tower(name_or_path: str | Path, lora_targets: Sequence[str] | None = None
+                      ) -> WhisperAudioTower | SSLAudioTower:
+    """Build an audio tower: `embedded:whisper-*`, or an HF Whisper/wav2vec2/HuBERT id/folder.
+
+    `lora_targets` None: the tower's defaults (Whisper: `top_half_targets`; wav2vec2/HuBERT:
+    q/v of every layer); []: a frozen tower.
+    """
+    path = str(converted_folder(name_or_path) if name_or_path in EMBEDDED_WHISPER
+               else name_or_path)
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type == "whisper":
         encoder = _whisper_encoder(path)
+        targets = top_half_targets(len(encoder.layers)) if lora_targets is None else lora_targets
         return WhisperAudioTower(encoder, _feature_extractor(path, encoder.config.num_mel_bins),
-                                 targets)
+                                 tuple(targets))
     if model_type in SSL_MODEL_TYPES:
-        return build_ssl_tower(path, targets)
+        return build_ssl_tower(path, DEFAULT_TARGETS if lora_targets is None
+                               else tuple(lora_targets))
     raise ValueError(f"{name_or_path}: model_type {model_type!r} is not an audio tower "
                      f"(whisper, {', '.join(SSL_MODEL_TYPES)})")

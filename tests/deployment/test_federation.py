@@ -18,7 +18,7 @@ from common import keys
 from common.inference import load_for_inference
 from common.model import read_label_names
 from common.data import encode, load_manifest
-from common.task import image_encoding
+from common.task import input_encoding
 from common.train import evaluate
 from launcher.processes import BIN, free_port
 from tests.deployment.conftest import SITES
@@ -35,7 +35,7 @@ def test_two_rounds_over_tls_and_node_auth_give_an_adapter_that_loads(federation
     assert all(r["replied"] == len(SITES) and r["rejected"] == 0 for r in rows[1:])
     bundle = load_for_inference(reference_run / "adapter")  # PeftModel.from_pretrained
     result = evaluate(bundle, encode(load_manifest(federation.test_manifest)[0],
-                                     bundle.label_names, *image_encoding(bundle.cfg)))
+                                     bundle.label_names, input_encoding(bundle.cfg)))
     assert result["accuracy"] == summary["test_accuracy"]
 
 

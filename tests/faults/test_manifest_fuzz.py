@@ -27,13 +27,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from common.data import ManifestError, encode, label_names, load_manifest
+from common.data import Encoding, ManifestError, encode, label_names, load_manifest
 
 pytestmark = pytest.mark.faults
 EXAMPLES = int(os.environ.get("FEDMM_FUZZ_EXAMPLES", "100"))  # per property
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+ENCODING = Encoding(("image", "text"), 8, MEAN, STD)  # 8x8 images, texts
 GOOD = ["rgb.png", "l.png", "rgba.png", "p.png", "i16.png", "photo.jpg", "palette.gif",
         "ünï cødé.png", "sub/deep.png"]
 BAD = ["trunc.png", "trunc.jpg", "corrupt.png", "empty.png", "text.png", "header.png",
@@ -257,7 +258,7 @@ def _check(path: Path, pool: Path) -> str:
         assert Path(image).relative_to(pool).as_posix() not in BAD and _decodes(image), image
     for text, label in zip(ds["text"], ds["label"]):
         assert text.strip() and label.strip()
-    enc = encode(ds, label_names(ds), 8, MEAN, STD)
+    enc = encode(ds, label_names(ds), ENCODING)
     assert len(enc) == len(ds) and enc.pixel_values.isfinite().all()
     return f"loaded {stats.rows} of {expected}"
 
@@ -324,6 +325,6 @@ def test_rows_are_kept_exactly_when_usable(pool: Path, rows: list[tuple[str, str
         assert stats.reasons.get("unreadable image", 0) == len(unreadable)
         assert stats.reasons.get("missing image file", 0) == len(usable) - len(good) - len(
             unreadable)
-        assert len(encode(ds, label_names(ds), 8, MEAN, STD)) == len(good)
+        assert len(encode(ds, label_names(ds), ENCODING)) == len(good)
     finally:
         shutil.rmtree(path.parent)

@@ -21,11 +21,12 @@ from PIL import Image
 
 from common.config import load_config
 from common.config import ConfigError
-from common.data import ManifestError, encode, label_names, load_manifest
+from common.data import Encoding, ManifestError, encode, label_names, load_manifest
 from common.preflight import check_device, check_test_labels, check_train_labels, check_writable
 
 pytestmark = pytest.mark.faults
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+ENCODING = Encoding(("image", "text"), 8, MEAN, STD)  # 8x8 images, texts
 Probe = Callable[[Path, pytest.MonkeyPatch], Callable[[], object]]
 
 
@@ -57,7 +58,7 @@ def _train_site(tmp: Path, images: dict[int, bytes]) -> Callable[[], object]:
 
     def site() -> object:
         ds, _ = load_manifest(path)
-        return encode(ds, label_names(ds), 8, MEAN, STD)
+        return encode(ds, label_names(ds), ENCODING)
     return site
 
 

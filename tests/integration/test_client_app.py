@@ -151,3 +151,41 @@ def test_a_site_of_another_rank_refits_the_global_adapter_and_replies_in_its_ran
     a_key = next(k for k in initial if ".lora_A." in k)
     b_key = a_key.replace(".lora_A.", ".lora_B.")
     assert arrays[a_key].numpy().shape[0] == 2 and arrays[b_key].numpy().shape[1] == 2
+
+
+def test_three_modality_sites_report_each_modality_and_one_without_audio_keeps_its_tower(
+        tmp_path, tiny_text_dir, tiny_whisper_dir):
+    import csv
+
+    from tests.conftest import tiny_overrides
+
+    demo = tmp_path / "demo"
+    cfg = resolve_data(load_config(tiny_overrides(tiny_text_dir, audio_dir=tiny_whisper_dir,
+                                                  modalities="image,text,audio") + [
+        f"data.demo_dir={demo}", "data.demo_train=48", "data.demo_test=12", "data.demo_audio=true",
+        "partition.num_clients=2", "partition=iid", "skew.missing_audio_rate=0.25"]))
+    assert len(cfg.data.labels) == 12
+    initial = {k: v.clone() for k, v in adapter_state(cached_bundle(cfg.model,
+                                                                    cfg.data.labels).model).items()}
+    reply = client_app(_message(cfg, cfg.data.train, cfg.data.labels, initial, "train"),
+                       _context(cfg, {keys.PARTITION_ID: 0, keys.NUM_PARTITIONS: 2}))
+    metrics = reply.content[keys.METRICS]
+    train = site_data(cfg, train_manifest=cfg.data.train, partition_id=0)[0]
+    assert metrics[keys.NUM_AUDIO_EXAMPLES] == int(train.has("audio").sum()) < len(train)
+    assert metrics[keys.NUM_IMAGE_EXAMPLES] == metrics[keys.NUM_TEXT_EXAMPLES] == len(train)
+    # A deployed site whose manifest has no audio column: no audio row, its tower unchanged.
+    with open(cfg.data.train, newline="") as f:
+        rows = [{k: v for k, v in r.items() if k != "audio"} for r in csv.DictReader(f)]
+    silent = demo / "site-without-audio.csv"
+    with open(silent, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    reply = client_app(_message(cfg, cfg.data.train, cfg.data.labels, initial, "train"),
+                       _context(cfg, {keys.DATA_PATH: str(silent)}))
+    assert not reply.has_error()
+    assert reply.content[keys.METRICS][keys.NUM_AUDIO_EXAMPLES] == 0
+    arrays = reply.content[keys.ARRAYS]
+    audio_keys = [k for k in initial if "towers.audio" in k]
+    assert audio_keys and all(np.array_equal(arrays[k].numpy(), initial[k].numpy())
+                              for k in audio_keys)

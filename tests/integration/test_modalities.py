@@ -11,7 +11,7 @@ from common.config import load_config
 from common.data import encode, label_names, load_manifest
 from common.demo_data import generate
 from common.model import build_model
-from common.task import image_encoding
+from common.task import input_encoding
 from common.train import evaluate, train_local
 from tests.conftest import train_options
 
@@ -27,7 +27,7 @@ def _accuracy(modalities: str, demo) -> float:
     train_ds, test_ds, names = demo
     cfg = load_config([f"model.modalities=[{modalities}]"])
     bundle = build_model(cfg.model, names)
-    args = (names, *image_encoding(cfg.model))
+    args = (names, input_encoding(cfg.model))
     train_local(bundle, encode(train_ds, *args), train_options(epochs=3, batch_size=16,
                                                              lr=cfg.train.lr), seed=0)
     return evaluate(bundle, encode(test_ds, *args))["accuracy"]

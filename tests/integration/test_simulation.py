@@ -60,7 +60,7 @@ def test_upload_per_client_round_stays_under_the_cap(federation):
 
 def test_final_adapter_reloads_with_peft_and_reproduces_the_reported_accuracy(federation):
     cfg, summary = federation
-    fresh_cfg = load_config([])  # the default backbone, built from scratch
+    fresh_cfg = load_config(["model.modalities=[image,text]"])  # the default backbone, anew
     names = read_label_names(summary["adapter_dir"])
     backbone, _ = build_backbone(fresh_cfg.model, len(names))
     model = PeftModel.from_pretrained(backbone, summary["adapter_dir"])

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from common import audio
 from common.towers import packaged
 from common.towers.ct2 import CT2FormatError, read_ct2, whisper_encoder_state
-from common.towers.whisper import WhisperAudioTower, build_audio_tower
+from common.towers.whisper import WhisperAudioTower, audio_feature_extractor, build_audio_tower
 
 TINY, BASE = "embedded:whisper-tiny.en", "embedded:whisper-base"
 
@@ -158,14 +158,18 @@ def test_clip_longer_than_thirty_seconds_is_refused(towers):
 # --- PEFT -----------------------------------------------------------------------------------
 
 def test_lora_on_q_and_v_has_the_count_of_its_layer_shapes(towers):
-    tower = build_audio_tower(TINY)
+    tower = build_audio_tower(TINY)  # default: the top half of the layers, the rest is stem
     cfg = tower.encoder.config  # tiny.en: 4 layers, d_model 384
-    assert len(tower.lora_targets) == 2 * cfg.encoder_layers and tower.split == 0
-    model = get_peft_model(tower, LoraConfig(r=8, lora_alpha=16, target_modules=tower.lora_targets))
+    assert tower.split == 2 and len(tower.lora_targets) == cfg.encoder_layers
+    assert all(".layers.2." in t or ".layers.3." in t for t in tower.lora_targets)
+    every = build_audio_tower(TINY, ["q_proj", "v_proj"])
+    assert len(every.lora_targets) == 2 * cfg.encoder_layers and every.split == 0
+    model = get_peft_model(every, LoraConfig(r=8, lora_alpha=16,
+                                             target_modules=every.lora_targets))
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n for n in trainable)
     assert sum(trainable.values()) == cfg.encoder_layers * 2 * 8 * (cfg.d_model + cfg.d_model)
-    mel = torch.from_numpy(_log_mel(tower, 1.0, 1.0))
+    mel = torch.from_numpy(_log_mel(every, 1.0, 1.0))
     model(mel).square().mean().backward()
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
@@ -222,6 +226,16 @@ def test_hf_waveform_tower_matches_transformers_forward(kind, tmp_path):
                                    atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="not inside"):
         build_audio_tower(tmp_path, ["feature_projection.projection"])
+
+
+def test_a_frozen_tower_is_all_stem_and_its_extractor_loads_without_weights(towers):
+    frozen = build_audio_tower(TINY, [])
+    assert frozen.lora_targets == [] and frozen.split == frozen.encoder.config.encoder_layers
+    mel = torch.from_numpy(_log_mel(frozen, 1.0, 1.0))
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.head(frozen.stem(mel)), towers[TINY](mel))
+    extractor = audio_feature_extractor(TINY)
+    assert extractor.to_dict() == towers[TINY].feature_extractor.to_dict()
 
 
 def test_unknown_targets_and_model_types_are_refused(tmp_path):

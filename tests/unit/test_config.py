@@ -83,7 +83,11 @@ def test_fedprox_option_sets_a_positive_mu():
     ("strategy.fraction_train=1.5", "strategy.fraction_train"),
     ("train.lr=0", "train.lr"),
     ("partition.num_clients=0", "partition.num_clients"),
-    ("model.modalities=[audio]", "model.modalities"),
+    ("model.modalities=[smell]", "model.modalities"),
+    ("model.modalities=[]", "model.modalities"),
+    ("model.audio.clip_seconds=31", "model.audio.clip_seconds"),
+    ("skew.missing_audio_rate=1.5", "skew.missing_audio_rate"),
+    ("train.modality_dropout_audio=1.0", "train.modality_dropout_audio"),
     ("device=tpu", "device"),
     ("model.lora.r=eight", "model.lora.r"),
     ("train.modality_dropout_text=1.0", "train.modality_dropout_text"),
@@ -97,6 +101,9 @@ def test_fedprox_option_sets_a_positive_mu():
      "simulation.crash_fraction"),
     ("simulation.straggler_sites=[0]", "simulation.straggler_s"),
     ("simulation.straggler_rounds=[0]", "simulation.straggler_rounds"),
+    (["train.modality_dropout_text=0.5", "train.modality_dropout_audio=0.6"],
+     "train.modality_dropout_text"),
+    (["model.modalities=[image,text]", "skew.missing_audio_clients=0.5"], "skew"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -15,10 +15,16 @@ import torch
 from PIL import Image, ImageFile
 
 from common.config import load_config
-from common.data import (Encoded, ManifestError, encode, encode_images, encode_labels,
+from common.data import (Encoded, Encoding, ManifestError, encode, encode_images, encode_labels,
                          label_names, load_manifest)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+ENCODING = Encoding(("image", "text"), 8, MEAN, STD)  # 8x8 images, texts
+
+
+def _encoding(size: int) -> Encoding:
+    return Encoding(("image", "text"), size, MEAN, STD)
+
 
 
 def _png(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 12)) -> str:
@@ -129,7 +135,7 @@ def test_unknown_test_label_names_label_and_file(tmp_path: Path) -> None:
     rows[1]["label"] = "zebra"
     test, _ = load_manifest(_csv(tmp_path / "test.csv", rows))
     with pytest.raises(ManifestError, match=r"test\.csv.*'zebra'"):
-        encode(test, label_names(train), 8, MEAN, STD, source=tmp_path / "test.csv")
+        encode(test, label_names(train), ENCODING, source=tmp_path / "test.csv")
     with pytest.raises(ManifestError, match="'zebra'"):
         encode_labels(["a", "zebra"], ["a"])
 
@@ -138,7 +144,7 @@ def test_label_names_sorted_unique_and_encode(tmp_path: Path) -> None:
     ds, _ = load_manifest(_csv(tmp_path / "m.csv", _rows(tmp_path, 6)))
     names = label_names(ds)
     assert names == ["a", "b", "c"]
-    enc = encode(ds, names, 16, MEAN, STD)
+    enc = encode(ds, names, _encoding(16))
     assert isinstance(enc, Encoded) and len(enc) == 6
     assert enc.pixel_values.shape == (6, 3, 16, 16)
     assert enc.labels.tolist() == [1, 0, 2, 1, 0, 2]
@@ -171,7 +177,7 @@ def test_image_with_valid_header_but_bad_data_is_skipped_and_named(
     assert str(tmp_path / "img" / "2.png") not in ds["image"]
     assert "train.csv" in caplog.text and "line 4" in caplog.text  # header is line 1
     assert "unreadable image" in caplog.text
-    assert encode(ds, label_names(ds), 8, MEAN, STD).pixel_values.shape == (3, 3, 8, 8)
+    assert encode(ds, label_names(ds), ENCODING).pixel_values.shape == (3, 3, 8, 8)
 
 
 def test_truncated_images_are_not_silently_padded() -> None:
@@ -272,7 +278,8 @@ def test_predict_warning_names_the_users_manifest(tmp_path: Path, monkeypatch: p
     rows = [{"image": r["image"], "text": r["text"]} for r in _rows(tmp_path, 3)]
     rows[1]["image"] = "img/gone.png"
     path = _csv(tmp_path / "new.csv", rows, fields=("image", "text"))
-    model = load_config(["model=minilm_cnn", "model.vision.image_size=8"]).model
+    model = load_config(["model=minilm_cnn", "model.vision.image_size=8",
+                         "model.modalities=[image,text]"]).model
     bundle = SimpleNamespace(label_names=["a", "b"], cfg=model)
     monkeypatch.setattr(inference, "predict", lambda b, data, device: torch.zeros(len(data), 2))
     with caplog.at_level(logging.WARNING, logger="common.data"):

@@ -125,3 +125,31 @@ def test_site_by_shape_makes_a_natural_split_and_keeps_the_rows(tmp_path):
     home = [r["site"] == SITES[SHAPES.index(r["label"].split("-")[0])] for r in b]
     assert np.mean(home) > 0.85  # 0.9 + 0.1 x 1/4 by chance
     assert np.mean([r["site"] == SITES[SHAPES.index(r["label"].split("-")[0])] for r in a]) < 0.5
+
+
+def test_audio_demo_adds_a_sound_whose_pitch_is_the_labels_third_factor(tmp_path: Path) -> None:
+    import soundfile as sf
+
+    from common.demo_data import AUDIO_LABELS, AUDIO_RATE, TONES
+
+    train, test = generate(tmp_path / "a", 96, 24, seed=5, audio=True)
+    again, _ = generate(tmp_path / "b", 96, 24, seed=5, audio=True)
+    rows = _rows(train)
+    assert list(rows[0]) == ["image", "text", "audio", "label", "site"]
+    assert Counter(r["label"] for r in rows) == {label: 8 for label in AUDIO_LABELS}
+    assert train.read_bytes() == again.read_bytes()
+    assert all((tmp_path / "a" / r["audio"]).read_bytes() == (tmp_path / "b" / r["audio"])
+               .read_bytes() for r in rows[:10])
+    in_low_band = {"low": [], "high": []}  # the largest spectral peak inside the low band
+    for r in rows:
+        wave, rate = sf.read(tmp_path / "a" / r["audio"])
+        assert rate == AUDIO_RATE and wave.ndim == 1 and len(wave) == AUDIO_RATE
+        spectrum, freqs = np.abs(np.fft.rfft(wave)), np.fft.rfftfreq(len(wave), 1 / rate)
+        band = (freqs >= TONES["low"][0] - 5) & (freqs <= TONES["low"][1] + 5)
+        in_low_band[r["label"].rsplit("-", 1)[1]].append(spectrum[band].max())
+    # Only a low beep puts its fundamental there (a high one, its harmonics and the hum do not).
+    assert min(in_low_band["low"]) > 3 * max(in_low_band["high"])
+    ds, stats = load_manifest(train)
+    assert stats.modalities == ("image", "text", "audio") and stats.skipped == 0
+    plain, _ = generate(tmp_path / "c", 96, 24, seed=5)
+    assert "audio" not in _rows(plain)[0] and len({r["label"] for r in _rows(plain)}) == 6

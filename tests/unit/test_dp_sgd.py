@@ -95,3 +95,20 @@ def test_dp_training_leaves_the_model_unhooked_and_reports_steps(bundle):
     placeholders = [p for n, p in bundle.model.named_parameters()
                     if "modules_to_save" in n and UNSUPPORTED in n]
     assert placeholders and all(p.requires_grad for p in placeholders)  # trainable again
+
+
+def test_dp_sgd_trains_audio_subsets_and_refuses_rows_without_a_modality(tiny_text_dir,
+                                                                          tiny_whisper_dir):
+    for modalities in ("audio", "text,audio"):
+        cfg = load_config(tiny_overrides(tiny_text_dir, audio_dir=tiny_whisper_dir,
+                                         modalities=modalities))
+        data = random_batch(16, modalities=tuple(modalities.split(",")))
+        metrics = train_local_dp(build_model(cfg.model, LABELS), data,
+                                 train_options(epochs=1, batch_size=8), noise_multiplier=1.0,
+                                 max_grad_norm=1.0)
+        assert metrics["steps"] == 2 and metrics["num_examples"] == 16
+    cfg = load_config(tiny_overrides(tiny_text_dir, audio_dir=tiny_whisper_dir,
+                                     modalities="image,text,audio"))
+    with pytest.raises(ValueError, match="16 of 16 rows have no audio"):
+        train_local_dp(build_model(cfg.model, LABELS), random_batch(16), train_options(),
+                       noise_multiplier=1.0, max_grad_norm=1.0)

@@ -22,8 +22,8 @@ def _cfg(tiny_text_dir, fusion: str):
 
 def _masked(data: Encoded, image: bool, text: bool) -> Encoded:
     n = len(data)
-    return Encoded(data.pixel_values, data.texts, data.labels,
-                   torch.full((n,), image), torch.full((n,), text))
+    return Encoded(data.labels, data.inputs, {"image": torch.full((n,), image),
+                                              "text": torch.full((n,), text)})
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -42,7 +42,7 @@ def test_each_fusion_trains_reloads_exactly_and_ignores_masked_content(tiny_text
                                rtol=0, atol=0)
     noisy = data.pixel_values.clone()
     noisy[~data.has_image] = torch.randn_like(noisy[~data.has_image]) * 10
-    changed = Encoded(noisy, data.texts, data.labels, data.has_image, data.has_text)
+    changed = Encoded(data.labels, {**data.inputs, "image": noisy}, data.present)
     torch.testing.assert_close(predict(bundle, changed), expected, rtol=0, atol=0)
 
 

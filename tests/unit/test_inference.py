@@ -87,3 +87,36 @@ def test_resume_keeps_metrics_rows_up_to_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"round": r, "test_accuracy": r / 10}) + "\n"
                             for r in range(4)))
     assert [r["round"] for r in kept_rows(path, 2)] == [0, 1, 2]
+
+
+def test_an_audio_model_predicts_evaluates_and_exports_from_its_manifest(
+        tmp_path, tiny_text_dir, tiny_whisper_dir):
+    from common.config import from_json
+    from common.inference import evaluate_manifest
+    from common.task import resolve_data
+
+    demo = tmp_path / "demo"
+    cfg = resolve_data(load_config(tiny_overrides(tiny_text_dir, audio_dir=tiny_whisper_dir,
+                                                  modalities="text,audio") + [
+        f"data.demo_dir={demo}", "data.demo_train=24", "data.demo_test=12",
+        "data.demo_audio=true"]))
+    bundle = build_model(cfg.model, list(cfg.data.labels))
+    with torch.no_grad():
+        for name, p in bundle.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapter = save_adapter(bundle, tmp_path / "adapter")
+    (adapter / "config.json").write_text(to_json(cfg))
+    assert from_json(to_json(cfg)).model.modalities == ("text", "audio")
+    loaded = load_for_inference(adapter)
+    out = tmp_path / "preds.csv"
+    assert predict_manifest(loaded, cfg.data.test, out, "cpu") == 12
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["text", "audio", "prediction", "confidence", "label"]  # no image
+    scores = evaluate_manifest(loaded, cfg.data.test, "cpu")
+    assert scores["num_examples"] == 12 and 0 <= scores["accuracy"] <= 1
+    merged = load_merged(export_merged(adapter, tmp_path / "served"))
+    assert "audio" in merged.towers and not any("lora_" in n for n, _ in
+                                                merged.model.named_parameters())
+    assert evaluate_manifest(merged, cfg.data.test, "cpu")["loss"] == pytest.approx(
+        scores["loss"], rel=1e-4)

@@ -25,8 +25,8 @@ def cfg(tiny_text_dir):
 
 def _masked(n: int = 8, seed: int = 0) -> Encoded:
     d = random_batch(n, seed=seed)
-    return Encoded(d.pixel_values, d.texts, d.labels, torch.tensor(HAS_IMAGE[:n]),
-                   torch.tensor(HAS_TEXT[:n]))
+    return Encoded(d.labels, d.inputs, {"image": torch.tensor(HAS_IMAGE[:n]),
+                                        "text": torch.tensor(HAS_TEXT[:n])})
 
 
 def _heads(model) -> list[torch.nn.Module]:
@@ -60,13 +60,13 @@ def test_masked_modality_content_never_reaches_the_logits(cfg):
     pixels[no_image] = torch.randn_like(pixels[no_image]) * 10
     texts = [("totally different words " * 3) if not k else t
              for t, k in zip(data.texts, data.has_text.tolist())]
-    changed = Encoded(pixels, texts, data.labels, data.has_image, data.has_text)
+    changed = Encoded(data.labels, {"image": pixels, "text": texts}, data.present)
     torch.testing.assert_close(predict(bundle, changed, batch_size=4), base, rtol=0, atol=0)
     # The placeholder is used: the same rows fed as zeros / empty text give other logits.
     zeros = data.pixel_values.clone()
     zeros[no_image] = 0
     blank = ["" if not k else t for t, k in zip(data.texts, data.has_text.tolist())]
-    fed = predict(bundle, Encoded(zeros, blank, data.labels), batch_size=4)
+    fed = predict(bundle, Encoded(data.labels, {"image": zeros, "text": blank}), batch_size=4)
     for rows in (no_image, no_text):
         assert not torch.allclose(fed[rows], base[rows])
         torch.testing.assert_close(fed[~(no_image | no_text)], base[~(no_image | no_text)])
@@ -82,7 +82,7 @@ def test_masked_modality_content_never_reaches_the_logits(cfg):
 def test_batches_without_a_modality_run_and_skip_that_tower(cfg):
     bundle = build_model(cfg.model, LABELS)
     d = random_batch(8)
-    data = Encoded(d.pixel_values, d.texts, d.labels, torch.zeros(8, dtype=torch.bool))
+    data = Encoded(d.labels, d.inputs, {"image": torch.zeros(8, dtype=torch.bool)})
     cnn = {n: p.detach().clone() for n, p in bundle.model.named_parameters()
            if "towers.image" in n and p.requires_grad}
     assert cnn

@@ -1,4 +1,4 @@
-"""Per-site skews: realised rates match the config, draws are seeded, no sample loses both."""
+"""Per-site skews: realised rates match the config, draws are seeded, no sample loses all."""
 
 from __future__ import annotations
 
@@ -8,21 +8,26 @@ import pytest
 import torch
 
 from common.config import SkewConfig
-from common.data import Encoded
+from common.data import Clips, Encoded
 from common.skews import apply_skews, site_levels
 
-NONE = SkewConfig(missing_image_clients=0.0, missing_text_clients=0.0, missing_image_rate=0.0,
-                  missing_text_rate=0.0, image_noise=0.0, image_blur=0.0, text_corruption=0.0,
-                  label_noise=0.0)
+NONE = SkewConfig(missing_image_clients=0.0, missing_text_clients=0.0, missing_audio_clients=0.0,
+                  missing_image_rate=0.0, missing_text_rate=0.0, missing_audio_rate=0.0,
+                  image_noise=0.0, image_blur=0.0, text_corruption=0.0, label_noise=0.0)
 WORDS = ["red", "green", "blue", "round", "square", "small", "large", "bright"]
 
 
-def _data(n: int = 2000, num_classes: int = 5, size: int = 8, seed: int = 0) -> Encoded:
+def _data(n: int = 2000, num_classes: int = 5, size: int = 8, seed: int = 0,
+          audio: bool = False) -> Encoded:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, len(WORDS), (n, 6), generator=g)
-    return Encoded(torch.randn(n, 3, size, size, generator=g),
-                   [" ".join(WORDS[int(i)] for i in row) for row in ids],
-                   torch.randint(0, num_classes, (n,), generator=g))
+    inputs = {"image": torch.randn(n, 3, size, size, generator=g),
+              "text": [" ".join(WORDS[int(i)] for i in row) for row in ids]}
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    if audio:
+        inputs["audio"] = Clips(torch.randn(n, 4, 10, generator=g),
+                                torch.ones(n, 10, dtype=torch.bool))
+    return Encoded(labels, inputs)
 
 
 def _same(a: Encoded, b: Encoded) -> bool:
@@ -78,9 +83,9 @@ def test_no_sample_ever_loses_both_modalities():
         assert not bool((~out.has_image & ~out.has_text).any())
     out, _ = apply_skews(data, cfg, 2, 5, seed=3)
     assert not bool(out.has_image.any()) and bool(out.has_text.all())  # the text is kept
-    with pytest.raises(ValueError, match="neither"):
-        Encoded(data.pixel_values[:2], data.texts[:2], data.labels[:2],
-                torch.tensor([True, False]), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="no modality"):
+        Encoded(data.labels[:2], {"image": data.pixel_values[:2], "text": data.texts[:2]},
+                {"image": torch.tensor([True, False]), "text": torch.tensor([True, False])})
 
 
 def test_label_noise_rate_matches_the_site_level_and_is_not_a_permutation():
@@ -138,3 +143,37 @@ def test_text_corruption_drops_or_swaps_words_at_the_site_level():
     mild, _ = apply_skews(data, replace(NONE, text_corruption=0.2), 1, 2, seed=0)
     changed = sum(a != b for a, b in zip(mild.texts, data.texts)) / len(data)
     assert 0.3 < changed < 1.0  # 6 words at p = 0.2: P(no change) = 0.8 ** 6 ~ 0.26
+
+
+def test_three_modalities_lose_sites_in_blocks_and_rows_at_exact_disjoint_rates():
+    data = _data(3000, audio=True)
+    clients = replace(NONE, missing_image_clients=0.2, missing_audio_clients=0.3,
+                      missing_text_clients=0.2)
+    lost = {m: [s for s in range(10) if not apply_skews(data, clients, s, 10, seed=0)[0]
+                .has(m).any()] for m in ("image", "audio", "text")}
+    assert lost == {"image": [0, 1], "audio": [2, 3, 4], "text": [8, 9]}  # image, audio, text
+    rates = replace(NONE, missing_image_rate=0.2, missing_audio_rate=0.3, missing_text_rate=0.25)
+    out, stats = apply_skews(data, rates, 1, 3, seed=4)
+    missing = {m: ~out.has(m) for m in ("image", "audio", "text")}
+    for m, rate in (("image", 0.2), ("audio", 0.3), ("text", 0.25)):
+        assert abs(missing[m].float().mean().item() - rate) < 0.03
+        assert stats[f"missing_{m}_rate"] == pytest.approx(missing[m].float().mean().item())
+    assert int(torch.stack(list(missing.values())).sum(0).max()) == 1  # one at most per row
+    assert bool((out.inputs["audio"].features[missing["audio"]] == 0).all())
+    # Turning the audio skew on leaves the image and text draws as they were.
+    two, _ = apply_skews(data, replace(rates, missing_audio_rate=0.0), 1, 3, seed=4)
+    assert torch.equal(two.has_image, out.has_image) and torch.equal(two.has_text, out.has_text)
+
+
+def test_a_row_that_would_lose_every_modality_keeps_its_text_else_image_else_audio():
+    data = _data(200, audio=True)
+    everything = replace(NONE, missing_image_clients=1.0, missing_text_clients=1.0,
+                         missing_audio_rate=1.0)
+    out, _ = apply_skews(data, everything, 0, 2, seed=0)
+    assert bool(out.has_text.all()) and not out.has_image.any() and not out.has("audio").any()
+    no_text = Encoded(data.labels, {"image": data.pixel_values, "audio": data.inputs["audio"]})
+    out, stats = apply_skews(no_text, everything, 0, 2, seed=0)
+    assert bool(out.has_image.all()) and not out.has("audio").any()
+    assert "missing_text_rate" not in stats and stats["missing_audio_rate"] == 1.0
+    audio_only = Encoded(data.labels, {"audio": data.inputs["audio"]})
+    assert bool(apply_skews(audio_only, everything, 0, 2, seed=0)[0].has("audio").all())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,11 @@ def test_both_towers_cache_a_stem_of_the_expected_shape(cfg):
     assert stems["image"][0].shape == (5, 112, 2, 2)  # stage 4 output: 112 channels, stride 16
     tokens = stems["text"][1]
     assert stems["text"][0].shape == (*tokens.shape, 32)  # (N, T, hidden of the tiny BERT)
-    assert cached_stems(bundle, data, CPU) is stems  # computed once per rows and towers
+    again = cached_stems(bundle, data, CPU)  # computed once per rows and tower
+    assert all(again[m][0] is stems[m][0] for m in ("image", "text"))
+    other = build_model(replace(cfg.model, lora=replace(cfg.model.lora, r=2),
+                                modalities=("image",)), LABELS)
+    assert cached_stems(other, data, CPU)["image"][0] is stems["image"][0]  # same tower
 
 
 def test_training_on_cached_stems_matches_training_through_the_towers(cfg):

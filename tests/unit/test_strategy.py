@@ -81,13 +81,14 @@ def test_round_is_skipped_when_fewer_valid_updates_than_the_minimum_remain():
 
 
 TOWERS = {"base_model.model.towers.image.conv": (2, 2), "base_model.model.towers.text.q": (3,),
-          "base_model.model.fusion_head.w": (3,)}
+          "base_model.model.towers.audio.k": (2,), "base_model.model.fusion_head.w": (3,)}
 
 
-def _tower_reply(arrays, num_examples, images, texts) -> Message:
+def _tower_reply(arrays, num_examples, images, texts, audio) -> Message:
     msg = _reply(arrays, num_examples)
-    msg.content[keys.METRICS][keys.NUM_IMAGE_EXAMPLES] = images
-    msg.content[keys.METRICS][keys.NUM_TEXT_EXAMPLES] = texts
+    for key, count in ((keys.NUM_IMAGE_EXAMPLES, images), (keys.NUM_TEXT_EXAMPLES, texts),
+                       (keys.NUM_AUDIO_EXAMPLES, audio)):
+        msg.content[keys.METRICS][key] = count
     return msg
 
 
@@ -97,12 +98,14 @@ def test_each_tower_is_averaged_over_the_rows_holding_its_modality(weighting):
     draw = lambda: {k: rng.normal(size=s).astype(np.float32) for k, s in TOWERS.items()}  # noqa: E731
     initial = ArrayRecord({k: Array(v) for k, v in draw().items()})
     strategy = make_strategy(_cfg(modality_weighting=weighting), initial)
-    sites = [(draw(), 10, 10, 10), (draw(), 30, 0, 30), (draw(), 60, 60, 30)]  # site 1: no images
-    bad_counts = [(draw(), 20, 21, 20), (draw(), 20, 20, float("nan"))]
+    # site 1 holds no image, site 2 no audio
+    sites = [(draw(), 10, 10, 10, 5), (draw(), 30, 0, 30, 30), (draw(), 60, 60, 30, 0)]
+    bad_counts = [(draw(), 20, 21, 20, 20), (draw(), 20, 20, float("nan"), 20),
+                  (draw(), 20, 20, 20, 25)]
     arrays, _ = strategy.aggregate_train(1, [_tower_reply(*s) for s in sites + bad_counts])
-    assert strategy.round_stats[1].rejected == 2
+    assert strategy.round_stats[1].rejected == 3
     assert any("modality counts" in r for r in strategy.round_stats[1].reasons)
-    column = {"image": 2, "text": 3} if weighting else {}
+    column = {"image": 2, "text": 3, "audio": 4} if weighting else {}
     for key in TOWERS:
         tower = key.split(".")[3]
         weights = [s[column.get(tower, 1)] for s in sites]

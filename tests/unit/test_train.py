@@ -71,25 +71,30 @@ def test_restricted_softmax_scale():
 
 
 def test_modality_dropout_hides_at_the_configured_rates_and_never_a_rows_last_modality():
-    n, text_rate, image_rate = 40_000, 0.3, 0.2
-    has_text, has_image = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
-    has_image[:1000] = False  # rows already missing a modality keep the other one
-    has_text[1000:2000] = False
-    hide_text, hide_image = modality_dropout(has_text, has_image, text_rate, image_rate,
-                                             torch.Generator().manual_seed(0))
-    full = slice(2000, None)
-    for hidden, rate in ((hide_text[full], text_rate), (hide_image[full], image_rate)):
-        sigma = (rate * (1 - rate) / hidden.numel()) ** 0.5
-        assert abs(hidden.float().mean().item() - rate) < 4 * sigma
-    assert not (hide_text & hide_image).any()
-    assert not hide_text[:1000].any() and not hide_image[1000:2000].any()
+    n, rates = 60_000, {"text": 0.3, "image": 0.2, "audio": 0.25}
+    present = {m: torch.ones(n, dtype=torch.bool) for m in rates}
+    present["image"][:1000] = False  # rows already missing a modality may lose another ...
+    present["text"][1000:2000] = False
+    present["text"][2000:3000] = present["audio"][2000:3000] = False  # ... but not their last
+    hide = modality_dropout(present, rates, torch.Generator().manual_seed(0))
+    full = slice(3000, None)
+    for m, rate in rates.items():
+        sigma = (rate * (1 - rate) / (n - 3000)) ** 0.5
+        assert abs(hide[m][full].float().mean().item() - rate) < 4 * sigma
+    assert int(torch.stack(list(hide.values())).sum(0).max()) == 1  # one modality at most
+    assert not hide["image"][:1000].any() and not hide["text"][1000:2000].any()
+    assert not hide["image"][2000:3000].any()  # image is all rows 2000..2999 still hold
+    two = modality_dropout({m: present[m] for m in ("text", "image")}, rates,
+                           torch.Generator().manual_seed(0))
+    for m in ("text", "image"):  # the audio band comes last: without it the draws stay
+        assert torch.equal(two[m][full], hide[m][full])
 
 
 def test_hidden_text_never_reaches_the_text_tower(tiny_text_dir):
     cfg = load_config(tiny_overrides(tiny_text_dir))
     bundle = build_model(cfg.model, LABELS)
     data = random_batch(64)
-    hidden = (torch.arange(8) % 2 == 0, torch.zeros(8, dtype=torch.bool))
+    hidden = {"text": torch.arange(8) % 2 == 0, "image": torch.zeros(8, dtype=torch.bool)}
     inputs = model_inputs(bundle, data, torch.arange(8), torch.device("cpu"), hidden)
     assert inputs["text_mask"].tolist() == [False, True] * 4 and inputs["image_mask"].all()
     rows = []
