@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import keys
@@ -19,6 +19,7 @@ from common.schema import Config
 from common.strategies import LORA_MODES
 from common.train import evaluate as evaluate_model
 from common.train import train_local
+from client.compression import upload_record
 from client.privacy import local_dp_train, privacy_mod
 from client.site import load_site, run_config
 
@@ -43,7 +44,7 @@ def train(msg: Message, context: Context) -> Message:
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
     state = _maybe_poison(cfg, context, state, site.global_state)
     reply = RecordDict({
-        keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
+        keys.ARRAYS: upload_record(cfg, context, state, site.global_state, site.seed),
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
                                     keys.NUM_IMAGE_EXAMPLES: int(site.train.has_image.sum()),
                                     keys.NUM_TEXT_EXAMPLES: int(site.train.has_text.sum()),

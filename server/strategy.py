@@ -5,7 +5,8 @@ FedAvgM, FedMedian, FedTrimmedAvg, Krum, MultiKrum, or `NormBoundedFedAvg`, whic
 behind one of Flower's central-DP wrappers when DP is on), the way Flower's own DP wrappers
 wrap a strategy. Before any aggregation each reply is screened (keys, shapes, dtype, NaN/Inf,
 num-examples, update norm): a bad one is dropped with a logged reason and counted, the round
-goes on with the rest, and the global state is never touched by it.
+goes on with the rest, and the global state is never touched by it. A compressed update
+(`strategy.compression`, common/compression.py) is decoded to plain arrays before screening.
 
 LoRA modes (`strategy.lora_aggregation`, math in common/lora_math.py):
   naive  Flower's aggregation of every tensor, A and B separately (FedIT baseline).
@@ -29,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
 from common.adapter import rejection_reason
+from common.compression import CompressionError, decompress
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, delta_w, lora_pairs,
                               norm_bounded_mean, pair_rank_problem, refactor_like, reweight_towers,
                               update_norm)
@@ -174,7 +176,9 @@ class ScreenedStrategy(Strategy):
         stats = self.round_stats.setdefault(server_round, RoundStats())
         expected, kept = self.expected_keys(), []
         for msg in replies:
-            reason = _reply_problem(msg, expected, self.rank_flexible)
+            uploaded = _uploaded_bytes(msg)
+            reason = self.decompress(msg, expected)
+            reason = reason or _reply_problem(msg, expected, self.rank_flexible)
             if reason is None and self.cfg.max_update_norm > 0:
                 state = _numpy(msg.content[keys.ARRAYS])
                 norm = update_norm(state, {k: self.global_state[k] for k in state})
@@ -186,7 +190,7 @@ class ScreenedStrategy(Strategy):
                 log.warning("round %d: rejected reply from node %d: %s", server_round,
                             msg.metadata.src_node_id, reason)
                 continue
-            stats.bytes_uploaded += msg.content[keys.ARRAYS].count_bytes()
+            stats.bytes_uploaded += uploaded
             self.state.node_ranks[msg.metadata.src_node_id] = self._rank(msg)
             if not self.lora_mode.uploads_a:
                 record = msg.content[keys.ARRAYS]
@@ -198,6 +202,19 @@ class ScreenedStrategy(Strategy):
         stats.replied = len(kept)
         note_site_epsilon(stats, [m.content[keys.METRICS] for m in kept])
         return kept
+
+    def decompress(self, msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
+        """Replace a compressed update by the plain adapter global + Δ; why it cannot be, or None."""
+        if (self.cfg.compression == "none" or msg.has_error()
+                or keys.ARRAYS not in msg.content.array_records):
+            return None  # plain arrays, or a reply that screening rejects with its own reason
+        try:
+            delta = decompress(_numpy(msg.content[keys.ARRAYS]), self.cfg.compression, expected)
+        except (CompressionError, ValueError, TypeError) as err:
+            return f"{self.cfg.compression} update cannot be decoded: {err}"
+        msg.content[keys.ARRAYS] = _record({k: self.global_state[k] + d
+                                            for k, d in delta.items()})
+        return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -279,6 +296,13 @@ def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
     reported = [float(m[keys.SITE_EPSILON]) for m in metrics if keys.SITE_EPSILON in m]
     if reported:
         stats.site_epsilon = max(reported)
+
+
+def _uploaded_bytes(msg: Message) -> int:
+    """Bytes of the arrays a reply carried (as sent: compressed when compression is on)."""
+    if msg.has_error() or keys.ARRAYS not in msg.content.array_records:
+        return 0
+    return msg.content[keys.ARRAYS].count_bytes()
 
 
 def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
