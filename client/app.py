@@ -21,7 +21,8 @@ from common.train import evaluate as evaluate_model
 from common.train import train_local
 from client.compression import upload_record
 from client.privacy import local_dp_train, privacy_mod
-from client.site import load_site, run_config
+from client.site import load_site, ready_to_train, run_config
+from client.timing import message_started
 
 app = ClientApp()
 
@@ -29,8 +30,10 @@ app = ClientApp()
 @app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on local data and send back the new adapter_state."""
+    begun = message_started()  # this message's process start (deployed), or now
     _maybe_drop_out(run_config(context), context)
     site = load_site(msg, context)
+    ready = ready_to_train(site)  # the stems are computed: start-up ends, training starts
     cfg = site.cfg
     started = time.perf_counter()
     if cfg.privacy.dp == "local":
@@ -50,6 +53,7 @@ def train(msg: Message, context: Context) -> Message:
                                     keys.NUM_TEXT_EXAMPLES: int(site.train.has_text.sum()),
                                     keys.TRAIN_LOSS: metrics["train_loss"],
                                     keys.TRAIN_SECONDS: seconds,
+                                    keys.SITE_STARTUP: round(ready - begun, 4),
                                     **{k: metrics[k] for k in (keys.SITE_EPSILON,
                                                                keys.LOCAL_DP_NOISE)
                                        if k in metrics}}),

@@ -26,6 +26,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"    # wall seconds of the site's local training this round
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+SITE_STARTUP = "site-startup-s"    # seconds from the message's process start to the first step
 
 # Privacy (common/privacy.py, server/privacy.py, client/privacy.py)
 ARRAY_KEYS = "array-keys"          # SecAgg+: adapter key order of the unnamed legacy Parameters

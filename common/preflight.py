@@ -10,6 +10,7 @@ settings (both are already caught and printed by the CLI and the simulation laun
     check_test_labels(label_names(train_ds), test_ds, cfg.data.test)
     check_device(cfg.device)
     check_writable(cfg.output_dir)
+    check_trackers(cfg.logging)
 """
 
 from __future__ import annotations
@@ -81,3 +82,16 @@ def check_writable(folder: str | Path, key: str = "output_dir") -> Path:
         why = err.strerror or type(err).__name__
         raise ConfigError(f"{key}={folder}: not a writable folder ({why})") from None
     return folder.resolve()
+
+
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+def check_trackers(logging: Sequence[str]) -> None:
+    """Refuse `logging=[...]` naming a tracker whose package is not installed."""
+    import importlib.util
+
+    missing = [name for name in logging if importlib.util.find_spec(TRACKER_MODULES[name]) is None]
+    if missing:
+        raise ConfigError(f"logging: {', '.join(missing)} not installed (pip install "
+                          f"'fedmm[tracking]', or drop it from logging)")

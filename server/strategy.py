@@ -19,6 +19,8 @@ What aggregation carries across rounds is one `StrategyState` (server/checkpoint
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -53,7 +55,16 @@ class RoundStats:
     site_epsilon: float = float("nan")  # local DP-SGD: the largest ε a site reported
     site_seconds: list[float] = field(default_factory=list)  # each kept site's training time
     secagg_bound: float = float("nan")  # SecAgg+: per-coordinate bound vs plaintext FedAvg
+    site_startups: list[float] = field(default_factory=list)  # message start to first step
+    aggregate_s: float = float("nan")  # screening + aggregation at the server
     reasons: list[str] = field(default_factory=list)
+
+    def timings(self) -> dict[str, float]:
+        """Start-up and aggregation columns for metrics.jsonl (NaN where nothing was measured)."""
+        startups = self.site_startups
+        return {"site_startup_s": round(float(np.mean(startups)), 3) if startups else math.nan,
+                "site_startup_s_max": max(startups, default=math.nan),
+                "aggregate_s": self.aggregate_s}
 
 
 @dataclass
@@ -201,6 +212,7 @@ class ScreenedStrategy(Strategy):
             kept.append(msg)
         stats.replied = len(kept)
         note_site_epsilon(stats, [m.content[keys.METRICS] for m in kept])
+        note_site_timings(stats, [m.content[keys.METRICS] for m in kept])
         return kept
 
     def decompress(self, msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
@@ -219,6 +231,14 @@ class ScreenedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        started = time.perf_counter()
+        try:
+            return self._aggregate_train(server_round, replies)
+        finally:
+            self.round_stats[server_round].aggregate_s = round(time.perf_counter() - started, 4)
+
+    def _aggregate_train(self, server_round: int, replies: Iterable[Message]
+                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.screen(server_round, replies)
         if 0 < len(kept) < self.cfg.min_train_nodes:  # too few valid updates: keep the global
             log.warning("round %d: only %d valid update(s), fewer than min_train_nodes=%d; "
@@ -296,6 +316,11 @@ def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
     reported = [float(m[keys.SITE_EPSILON]) for m in metrics if keys.SITE_EPSILON in m]
     if reported:
         stats.site_epsilon = max(reported)
+
+
+def note_site_timings(stats: RoundStats, metrics: list) -> None:
+    """Keep the start-up seconds (message start to first step) the sites of a round reported."""
+    stats.site_startups = [float(m[keys.SITE_STARTUP]) for m in metrics if keys.SITE_STARTUP in m]
 
 
 def _uploaded_bytes(msg: Message) -> int:
