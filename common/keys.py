@@ -8,6 +8,7 @@ DATA_PATH = "data-path"            # deployment: the site's own training manifes
 DEVICE = "device"                  # deployment: cpu / cuda / auto
 SITE_NAME = "site-name"            # deployment: seeds this site's shuffling and dropout
 LORA_RANK = "lora-rank"            # deployment: this site's LoRA rank
+TRAINER_SOCKET = "trainer-socket"  # deployment: this site's warm trainer (client/warm.py)
 
 # Records inside a Message
 ARRAYS = "arrays"                  # Flower's default ArrayRecord key: the adapter_state
