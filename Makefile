@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration docker-e2e clean
+.PHONY: run test test-unit test-integration bench bench-gpu docker-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Every CPU benchmark (benchmarks/README.md), one table at the end; ARGS="--only bytes" for some.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(ARGS)
+
+# The default federation on a CUDA GPU (bf16); skips with a message where there is none.
+bench-gpu: $(STAMP)
+	PYTHON=$(BIN)/python benchmarks/gpu.sh $(ARGS)
 
 # Not part of `make test`: builds the images (offline, from docker/wheelhouse) and trains a
 # federation of containers under a Docker daemon of its own (root; README, "Deploy with Docker").
