@@ -1,6 +1,6 @@
 """Deployed start-up: seconds from `flwr-clientapp` start to a site's first training step.
 
-    python -m benchmarks.deployed_startup [--rows 2000 200] [--rounds 2]
+    python -m benchmarks.deployed_startup [--rows 2000 200] [--rounds 2] [--epochs 3]
 
 Real processes on loopback (plain text, no node authentication, which do not change start-up):
 `fedmm server`, one `fedmm site` (a `flower-supernode`) on a manifest of `--rows` rows, and
@@ -42,7 +42,7 @@ def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float 
         time.sleep(0.5)
 
 
-def federation(root: Path, manifest: Path, test: Path, cold: bool, rounds: int,
+def federation(root: Path, manifest: Path, test: Path, cold: bool, rounds: int, epochs: int,
                env: dict, port: int) -> Path:
     """One `fedmm site` (cold or warm) and one `fedmm train`; the run folder."""
     mode = "cold" if cold else "warm"
@@ -60,7 +60,8 @@ def federation(root: Path, manifest: Path, test: Path, cold: bool, rounds: int,
             [*FEDMM, "train", "--insecure", "--superlink", f"127.0.0.1:{port}", "data=manifest",
              f"data.train={manifest}", f"data.test={test}", "partition.num_clients=1",
              "strategy.min_train_nodes=1", "strategy.min_available_nodes=1",
-             f"strategy.rounds={rounds}", "device=cpu", f"output_dir={out}"],
+             f"strategy.rounds={rounds}", f"train.epochs={epochs}", "device=cpu",
+             f"output_dir={out}"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
         if train.returncode != 0:
             raise RuntimeError(f"fedmm train failed: {(train.stdout + train.stderr)[-3000:]}")
@@ -73,6 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[2000, 200])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3, help="local epochs (the default task's: 3)")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fedmm-bench-deploy-"))
     train_csv, test_csv = generate(root / "data", max(args.rows), 100, seed=0)
@@ -91,14 +93,15 @@ def main() -> None:
         for rows in args.rows:
             adapters = {}
             for cold in (True, False):
-                out = federation(root, manifests[rows], Path(test_csv), cold, args.rounds, env,
-                                 port)
+                out = federation(root, manifests[rows], Path(test_csv), cold, args.rounds,
+                                 args.epochs, env, port)
                 adapters[cold] = (out / "adapter" / "adapter_model.safetensors").read_bytes()
                 metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
                 for row in metrics[1:]:
                     startup, training = row["site_startup_s"], row["site_train_s"]
                     emit(figure="deployed start-up", rows=rows, mode="cold" if cold else "warm",
-                         round=row["round"], startup_s=startup, train_s=training,
+                         round=row["round"], epochs=args.epochs, startup_s=startup,
+                         train_s=training,
                          startup_of_train_pct=round(100 * startup / training, 1),
                          test_accuracy=row["test_accuracy"],
                          goal="<= 15% (2,000 rows)" if rows == 2000 else None)
