@@ -1,6 +1,7 @@
 """Where the default run's time goes: start-up, local training, aggregation, evaluation.
 
     python -m benchmarks.breakdown [hydra overrides]
+    python -m benchmarks.breakdown --run RUN_DIR --wall SECONDS   # a run made before
 
 Runs the default federation (`python -m simulations.run`: 10 sites, 5 rounds) and splits its
 wall time with the columns metrics.jsonl records each round:
@@ -28,13 +29,20 @@ from simulations.run import launch, prepare
 
 def main() -> None:
     overrides = sys.argv[1:]
+    if overrides[:1] == ["--run"]:  # an existing run folder, and the wall seconds it took
+        run_dir, wall = Path(overrides[1]), float(overrides[3])
+        return report(run_dir, wall, json.loads((run_dir / "summary.json").read_text()))
     if not any(o.startswith("output_dir=") for o in overrides):
         overrides.append(f"output_dir=runs/bench-breakdown-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = prepare(load_config(overrides))
     start = time.monotonic()
     summary = launch(cfg)
-    wall = time.monotonic() - start
-    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").open()]
+    report(Path(cfg.output_dir), time.monotonic() - start, summary)
+
+
+def report(run_dir: Path, wall: float, summary: dict) -> None:
+    """Print the breakdown of the run in `run_dir`, which took `wall` seconds to launch."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     first, last = rows[0], rows[-1]
     rounds_s = last["elapsed_s"] - first["elapsed_s"]
     evaluation = sum(r["evaluate_s"] for r in rows[1:])
