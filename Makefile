@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration faults docker-e2e clean
+.PHONY: run test test-unit test-integration faults bench bench-gpu docker-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ faults: $(STAMP)
 	FEDMM_FAULTS_RESULTS=$(FAULTS_RESULTS) $(BIN)/python -m pytest -q \
 	    -m "faults or faults_slow" tests/faults $(ARGS); status=$$?; \
 	    $(BIN)/python -m tests.faults.table $(FAULTS_RESULTS); exit $$status
+
+# Every CPU benchmark (benchmarks/README.md), one table at the end; ARGS="--only bytes" for some.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(ARGS)
+
+# The default federation on a CUDA GPU (bf16); skips with a message where there is none.
+bench-gpu: $(STAMP)
+	PYTHON=$(BIN)/python benchmarks/gpu.sh $(ARGS)
 
 # Not part of `make test`: builds the images (offline, from docker/wheelhouse) and trains a
 # federation of containers under a Docker daemon of its own (root; README, "Deploy with Docker").

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import keys
@@ -20,8 +20,10 @@ from common.schema import Config
 from common.strategies import LORA_MODES
 from common.train import evaluate as evaluate_model
 from common.train import train_local
+from client.compression import upload_record
 from client.privacy import local_dp_train, privacy_mod
-from client.site import Site, load_site, run_config
+from client.site import Site, load_site, ready_to_train, run_config
+from client.timing import message_started
 
 app = ClientApp()
 
@@ -29,8 +31,10 @@ app = ClientApp()
 @app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on local data and send back the new adapter_state."""
+    begun = message_started()  # this message's process start (deployed), or now
     _maybe_drop_out(run_config(context), context)
     site = load_site(msg, context)
+    ready = ready_to_train(site)  # the stems are computed: start-up ends, training starts
     cfg = site.cfg
     _maybe_hang(site, context)
     started = time.perf_counter()
@@ -48,11 +52,12 @@ def train(msg: Message, context: Context) -> Message:
     with_modality = {keys.NUM_MODALITY_EXAMPLES[m]: int(site.train.has(m).sum())
                      for m in cfg.model.modalities}  # weights each tower (server/strategy.py)
     reply = RecordDict({
-        keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
+        keys.ARRAYS: upload_record(cfg, context, state, site.global_state, site.seed),
         keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: metrics["num_examples"],
                                     **with_modality,
                                     keys.TRAIN_LOSS: metrics["train_loss"],
                                     keys.TRAIN_SECONDS: seconds,
+                                    keys.SITE_STARTUP: round(ready - begun, 4),
                                     **{k: metrics[k] for k in (keys.SITE_EPSILON,
                                                                keys.LOCAL_DP_NOISE)
                                        if k in metrics}}),

@@ -8,6 +8,7 @@ once per process (common.task.cached_bundle); each message only swaps the adapte
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, replace
 
@@ -21,6 +22,7 @@ from common.config import Config, from_run_config
 from common.data import Encoded
 from common.lora_math import fit_rank
 from common.model import Bundle
+from common.stems import cached_stems
 from common.strategies import LORA_MODES
 from common.task import cached_bundle, resolve_data, site_data
 from common.train import pick_device
@@ -97,3 +99,10 @@ def load_site(msg: Message, context: Context) -> Site:
     seed = cfg.seed * 100_003 + server_round * 1_009 + site_number(context)
     device = pick_device(str(node.get(keys.DEVICE, cfg.device)))
     return Site(cfg, server_round, bundle, train, val, device, global_state, seed)
+
+
+def ready_to_train(site: Site) -> float:
+    """Compute what training needs before its first step (cached stems); return the time."""
+    if site.cfg.privacy.dp != "local":  # DP-SGD runs the towers whole
+        cached_stems(site.bundle, site.train, site.device)
+    return time.time()

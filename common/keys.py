@@ -8,6 +8,7 @@ DATA_PATH = "data-path"            # deployment: the site's own training manifes
 DEVICE = "device"                  # deployment: cpu / cuda / auto
 SITE_NAME = "site-name"            # deployment: seeds this site's shuffling and dropout
 LORA_RANK = "lora-rank"            # deployment: this site's LoRA rank
+TRAINER_SOCKET = "trainer-socket"  # deployment: this site's warm trainer (client/warm.py)
 
 # Records inside a Message
 ARRAYS = "arrays"                  # Flower's default ArrayRecord key: the adapter_state
@@ -29,6 +30,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"    # wall seconds of the site's local training this round
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+SITE_STARTUP = "site-startup-s"    # seconds from the message's process start to the first step
 
 # Privacy (common/privacy.py, server/privacy.py, client/privacy.py)
 ARRAY_KEYS = "array-keys"          # SecAgg+: adapter key order of the unnamed legacy Parameters

@@ -168,9 +168,23 @@ def aggregate_exact(
     adapter = aggregate_naive(states, p)
     residuals: dict[str, np.ndarray] = {}
     for prefix, (a_key, b_key) in lora_pairs(adapter).items():
-        target = sum(pk * delta_w(s, prefix, scaling) for s, pk in zip(states, p))  # (out, in)
+        target = mixed_delta_w(states, p, prefix, scaling)  # (out, in)
         residuals[prefix] = (target - delta_w(adapter, prefix, scaling)).astype(np.float32)
     return adapter, residuals
+
+
+def mixed_delta_w(states: Sequence[State], p: np.ndarray, prefix: str, scaling: float
+                  ) -> np.ndarray:
+    """Σ_k p_k s B_k A_k of one layer as one float64 matmul, [p_k B_k]_k @ [A_k]_k."""
+    for s in states:
+        if not _is_pair(np.shape(s[prefix + A_SUFFIX]), np.shape(s[prefix + B_SUFFIX])):
+            raise ValueError(f"{prefix}: B {np.shape(s[prefix + B_SUFFIX])} @ A "
+                             f"{np.shape(s[prefix + A_SUFFIX])} is not a rank-r product")
+    a = np.concatenate([np.asarray(s[prefix + A_SUFFIX], np.float64).reshape(
+        np.shape(s[prefix + A_SUFFIX])[0], -1) for s in states])  # (K·r, in)
+    b = np.concatenate([pk * np.asarray(s[prefix + B_SUFFIX], np.float64).reshape(
+        np.shape(s[prefix + B_SUFFIX])[:2]) for s, pk in zip(states, p)], axis=1)  # (out, K·r)
+    return float(scaling) * (b @ a)
 
 
 def refactor(delta: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray]:

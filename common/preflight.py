@@ -11,6 +11,7 @@ settings (both are already caught and printed by the CLI and the simulation laun
     check_device(cfg.device)
     check_writable(cfg.output_dir)
     check_output_file(args.out)     # fedmm predict / evaluate: an output file
+    check_trackers(cfg.logging)
 """
 
 from __future__ import annotations
@@ -101,3 +102,14 @@ def check_output_file(path: str | Path, key: str = "--out") -> Path:
     if why:
         raise ConfigError(f"{key}={path}: cannot write this file ({why})")
     return path.resolve()
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+def check_trackers(logging: Sequence[str]) -> None:
+    """Refuse `logging=[...]` naming a tracker whose package is not installed."""
+    import importlib.util
+
+    missing = [name for name in logging if importlib.util.find_spec(TRACKER_MODULES[name]) is None]
+    if missing:
+        raise ConfigError(f"logging: {', '.join(missing)} not installed (pip install "
+                          f"'fedmm[tracking]', or drop it from logging)")

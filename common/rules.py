@@ -38,6 +38,10 @@ def _secagg(c: Config) -> bool:
     return c.privacy.secagg
 
 
+def _compressed(c: Config) -> bool:
+    return c.strategy.compression != "none"
+
+
 def _dropout(c: Config) -> float:
     t = c.train
     return t.modality_dropout_text + t.modality_dropout_image + t.modality_dropout_audio
@@ -177,6 +181,15 @@ RULES: tuple[Rule, ...] = (
          "a fraction in (0, 1] or an integer < privacy.num_shares", when=_secagg),
     Rule("strategy.fraction_train", lambda c: num_sampled_sites(c) >= 3,
          "large enough to sample >= 3 sites with privacy.secagg=true", when=_secagg),
+    # compressed updates (common/compression.py)
+    Rule("strategy.compression", lambda c: not c.privacy.secagg,
+         "none " + SECAGG + "SecAgg+ quantizes the masked update itself)", when=_compressed),
+    Rule("strategy.compression", lambda c: c.privacy.dp not in ("client_fixed", "client_adaptive"),
+         lambda c: f"none with privacy.dp={c.privacy.dp} (the site clips its plain update; "
+                   "compressing it after the clip breaks the clip's bound)", when=_compressed),
+    Rule("simulation.site_ranks", lambda c: not set(c.simulation.site_ranks) - {c.model.lora.r},
+         lambda c: f"[] with strategy.compression={c.strategy.compression} (the server decodes "
+                   "each update against the global adapter's layout)", when=_compressed),
 )
 
 

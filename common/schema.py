@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.compression import COMPRESSIONS
 from common.strategies import LORA_AGGREGATIONS, STRATEGIES
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 MODALITIES = ("image", "text", "audio")  # also the manifest columns that carry them
 DP_MODES = ("none", "server_fixed", "server_adaptive", "client_fixed", "client_adaptive", "local")
 CENTRAL_DP = ("server_fixed", "server_adaptive", "client_fixed", "client_adaptive")
+TRACKERS = ("tensorboard", "mlflow")  # server/tracking.py
 
 
 class ConfigError(ValueError):
@@ -162,6 +164,8 @@ class StrategyConfig:
     max_update_norm: float = spec(ge=0)      # reject an update farther than this (0: no bound)
     round_timeout_s: float = spec(gt=0)      # a round goes on without sites silent this long
     min_completed_rounds: int | None = spec(ge=1)  # rounds that must aggregate (None: all)
+    compression: str = spec(one_of=COMPRESSIONS)  # the update sites upload (common/compression.py)
+    topk_fraction: float = spec(gt=0, le=1)  # compression=topk: share of each tensor sent
 
 
 @dataclass(frozen=True)
@@ -215,3 +219,4 @@ class Config:
     output_dir: str
     baselines: tuple[str, ...] = spec(subset_of=("centralized", "local"))
     resume: bool  # continue the run in output_dir from its last complete round
+    logging: tuple[str, ...] = spec(subset_of=TRACKERS)  # per-round metrics also go to these

@@ -19,7 +19,9 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from common import keys
@@ -60,6 +62,8 @@ def site_argv(args: argparse.Namespace) -> list[str]:
     node = {keys.DATA_PATH: str(data), keys.SITE_NAME: site_name(args), keys.DEVICE: args.device}
     if args.rank:
         node[keys.LORA_RANK] = args.rank
+    if getattr(args, "trainer_socket", None):  # the warm trainer cmd_site starts (client/warm.py)
+        node[keys.TRAINER_SOCKET] = args.trainer_socket
     node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in node.items())
     argv = [str(BIN / "flower-supernode"), "--superlink", args.superlink, "--node-config",
             node_config, "--port", str(args.runtime_port or free_port())]
@@ -87,11 +91,16 @@ def cmd_site(args: argparse.Namespace) -> int:
     from common.data import load_manifest
     from common.preflight import check_device
 
+    if not args.cold:
+        args.trainer_socket = str(Path(tempfile.mkdtemp(prefix="fedmm-site-")) / "trainer.sock")
     argv = site_argv(args)
     _, stats = load_manifest(args.data)  # every image decoded once; bad rows named, counted
     check_device(args.device)
     print(f"[fedmm] site {site_name(args)}: {stats.rows} usable rows in {args.data}", flush=True)
     env = {**os.environ, **QUIET_FLOWER, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if not args.cold:  # keeps torch, the backbone and the data loaded; exits with the SuperNode
+        subprocess.Popen([sys.executable, "-m", "client.trainer", "--socket", args.trainer_socket,
+                          "--parent-pid", str(os.getpid())], env=env)
     print(f"[fedmm] site {site_name(args)}: connecting to {args.superlink}", flush=True)
     os.execve(argv[0], argv, env)
 
@@ -192,6 +201,8 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     n.add_argument("--runtime-port", type=int, default=0,
                    help="local port of the SuperNode's runtime API (default: a free one)")
+    n.add_argument("--cold", action="store_true",
+                   help="no warm trainer: every message re-imports and rebuilds the model")
     n.add_argument("--max-retries", type=int)
     n.add_argument("--max-wait-time", type=float)
     t = sub.add_parser("train", help="submit a run to the federation and wait for it")

@@ -31,7 +31,7 @@ CONNECTION = "fedmm"
 # [tool.flwr.app] of pyproject.toml, for an installed wheel (which carries no pyproject.toml);
 # tests/unit/test_fedmm_cli.py keeps the two equal.
 FLOWER_APP = {"publisher": "fedmm",
-              "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+              "components": {"serverapp": "server.app:app", "clientapp": "client.warm:app"},
               "config": {keys.RUN_CONFIG: ""}}
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.processes import BIN
+from launcher.progress import Display
 
 FLWR = str(BIN / "flwr")
 
@@ -89,13 +90,14 @@ def submit(app_dir: Path, connection: str, run_config: Path, *, popen: dict, tim
 
 
 def _pump(proc: subprocess.Popen, lines: list[str], log_path: Path) -> None:
+    display = Display(sys.stdout)  # a progress bar on a terminal, plain lines otherwise
     with open(log_path, "a", encoding="utf-8") as log:
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line)
             log.write(line)
             log.flush()
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            display.write(line)
+    display.close()
 
 
 def _flwr(args: list[str], popen: dict, timeout: float = 60) -> subprocess.CompletedProcess:

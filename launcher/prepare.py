@@ -14,7 +14,8 @@ from pathlib import Path
 
 from common.config import Config, from_json, load_config
 from common.data import load_manifest
-from common.preflight import check_device, check_test_labels, check_train_labels, check_writable
+from common.preflight import (check_device, check_test_labels, check_trackers,
+                              check_train_labels, check_writable)
 from common.privacy import resolve_noise_multiplier
 from common.task import resolve_data
 from launcher.processes import DeployError
@@ -47,4 +48,5 @@ def prepare(cfg: Config) -> Config:
     check_test_labels(cfg.data.labels, test_ds, cfg.data.test)
     check_device(cfg.device)
     check_writable(Path(cfg.output_dir))
+    check_trackers(cfg.logging)
     return cfg

@@ -25,6 +25,7 @@ from common.task import cached_bundle, load_test_split, resolve_data
 from server.checkpoint import (META_FILE, discard_partial, last_checkpoint, load_strategy_state,
                                restore_adapter, restore_rng_state)
 from server.privacy import dp_wrapper
+from server.progress import ProgressGrid
 from server.report import RunRecorder
 from server.secagg import run_secagg
 from server.strategy import ScreenedStrategy, make_strategy
@@ -54,8 +55,9 @@ def main(grid: Grid, context: Context) -> None:
         run_secagg(grid, context, cfg, {k: v.numpy() for k, v in initial.items()},
                    strategy.round_stats, recorder.evaluate_round)
     else:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,
-                       start_round=done + 1, timeout=cfg.strategy.round_timeout_s,
+        strategy.start(grid=ProgressGrid(grid, cfg.strategy.rounds), initial_arrays=initial,
+                       num_rounds=cfg.strategy.rounds, start_round=done + 1,
+                       timeout=cfg.strategy.round_timeout_s,
                        evaluate_fn=evaluate_fn)
     recorder.finish(num_clients=len(list(grid.get_node_ids())))
 

@@ -34,6 +34,7 @@ from common.train import evaluate
 from server.checkpoint import last_checkpoint, save_strategy_state, write_meta
 from server.privacy import privacy_metrics
 from server.strategy import RoundStats, ScreenedStrategy, StrategyState
+from server.tracking import Trackers
 
 log = logging.getLogger("fedmm.server")
 
@@ -92,12 +93,15 @@ class RunRecorder:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.rows = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in self.rows]
         self.started = time.monotonic() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
+        self.trackers = Trackers(cfg, run_dir)  # logging=[tensorboard, mlflow]
 
     def evaluate_round(self, server_round: int, state: dict) -> dict[str, float]:
         """Load the global adapter, evaluate it on the test split, save it, log one line."""
         set_adapter_state(self.bundle.model, state)
         apply_base_residuals(self.bundle.model, self.strategy.state.residuals)
+        evaluating = time.monotonic()
         result = evaluate(self.bundle, self.test)
+        evaluate_s = round(time.monotonic() - evaluating, 4)
         stats = self.round_stats.get(server_round, RoundStats())
         row = {"round": server_round, "sampled": stats.sampled, "replied": stats.replied,
                "rejected": stats.rejected, "bytes_uploaded": stats.bytes_uploaded,
@@ -107,11 +111,13 @@ class RunRecorder:
                "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"],
                "elapsed_s": round(time.monotonic() - self.started, 2),
                "aggregated": stats.aggregated, "reasons": stats.reasons,
+               **stats.timings(), "evaluate_s": evaluate_s,
                **privacy_metrics(self.cfg, self.strategy.state.dp_releases, stats)}
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in row.items()}) + "\n")
+        self.trackers.log_round(row)
         if server_round > 0:
             self.checkpoint(server_round)
         print(progress_line(row, self.cfg.strategy.rounds), flush=True)
@@ -163,6 +169,7 @@ class RunRecorder:
             **outcome(trained, self.cfg.strategy),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
+        self.trackers.finish(summary, self.run_dir / "summary.json")
         return summary
 
 

@@ -5,10 +5,13 @@ FedAvgM, FedMedian, FedTrimmedAvg, Krum, MultiKrum, or `NormBoundedFedAvg`, whic
 behind one of Flower's central-DP wrappers when DP is on), the way Flower's own DP wrappers
 wrap a strategy. Before any aggregation each reply is screened (keys, shapes, dtype, NaN/Inf,
 num-examples, update norm): a bad one is dropped with a logged reason and counted, the round
-goes on with the rest, and the global state is never touched by it.
+goes on with the rest, and the global state is never touched by it. A compressed update
+(`strategy.compression`, common/compression.py) is decoded to plain arrays before screening.
 
 LoRA modes (`strategy.lora_aggregation`, math in common/lora_math.py):
-  naive  Flower's aggregation of every tensor, A and B separately (FedIT baseline).
+  naive  Flower's aggregation of every tensor, A and B separately (FedIT baseline); for
+         fedavg/fedprox without DP the same weighted mean is taken here (float64 accumulation)
+         on the arrays screening decoded, so each reply is decoded once.
   ffa    sites freeze A (shared seed) and upload the rest; the server re-inserts the global A.
   exact  FedEx-LoRA: mean A, mean B, and the residual mean(s·B_k·A_k) - s·mean(B)·mean(A)
          folded into the frozen base weights, sent to sites beside the adapter.
@@ -17,8 +20,11 @@ What aggregation carries across rounds is one `StrategyState` (server/checkpoint
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -30,9 +36,10 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
 from common.adapter import rejection_reason
-from common.lora_math import (aggregate_exact, aggregate_heterogeneous, delta_w, lora_pairs,
-                              norm_bounded_mean, pair_rank_problem, refactor_like, reweight_towers,
-                              update_norm)
+from common.compression import CompressionError, decompress
+from common.lora_math import (aggregate_exact, aggregate_heterogeneous, aggregate_naive, delta_w,
+                              lora_pairs, norm_bounded_mean, pair_rank_problem, refactor_like,
+                              reweight_towers, update_norm)
 from common.rules import value_at
 from common.schema import CENTRAL_DP, Config, StrategyConfig
 from common.strategies import LORA_MODES, traits
@@ -54,6 +61,15 @@ class RoundStats:
     secagg_bound: float = float("nan")  # SecAgg+: per-coordinate bound vs plaintext FedAvg
     reasons: list[str] = field(default_factory=list)  # why replies were lost: "node N: ..."
     aggregated: bool = False  # the round produced a new global adapter
+    site_startups: list[float] = field(default_factory=list)  # message start to first step
+    aggregate_s: float = float("nan")  # screening + aggregation at the server
+
+    def timings(self) -> dict[str, float]:
+        """Start-up and aggregation columns for metrics.jsonl (NaN where nothing was measured)."""
+        startups = self.site_startups
+        return {"site_startup_s": round(float(np.mean(startups)), 3) if startups else math.nan,
+                "site_startup_s_max": max(startups, default=math.nan),
+                "aggregate_s": self.aggregate_s}
 
 
 @dataclass
@@ -68,7 +84,48 @@ class StrategyState:
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    return {k: _array(v) for k, v in record.items()}
+
+
+class DecodedArray(Array):
+    """A reply's Array whose NumPy value screening has decoded: Flower's strategies get it
+    without decoding the bytes again (a copy, so they may change it in place)."""
+
+    @classmethod
+    def of(cls, array: Array, value: np.ndarray) -> DecodedArray:
+        out = cls(array.dtype, tuple(array.shape), array.stype, array.data)
+        out.__dict__["_fedmm_value"] = value
+        return out
+
+    def numpy(self) -> np.ndarray:
+        return np.array(self.__dict__["_fedmm_value"])
+
+
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def _array(value: Array) -> np.ndarray:
+    """An Array as NumPy: a read-only view when its bytes are exactly what np.save writes for
+    its dtype and shape (np.load's header parsing costs more than the mean of 100 replies),
+    else Flower's own decoding."""
+    data, shape = value.data, tuple(value.shape)
+    try:
+        key = (np.dtype(value.dtype).str, shape)
+    except TypeError:
+        return value.numpy()
+    if key not in _HEADERS:
+        if len(_HEADERS) > 4096:  # bounded, whatever shapes replies claim
+            _HEADERS.clear()
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": key[0], "fortran_order": False,
+                                                      "shape": shape})
+        _HEADERS[key] = header.getvalue()
+    header = _HEADERS[key]
+    count = math.prod(shape)
+    if (value.stype != "numpy.ndarray" or not data.startswith(header)
+            or len(data) != len(header) + count * np.dtype(key[0]).itemsize):
+        return value.numpy()
+    return np.frombuffer(data, key[0], count, len(header)).reshape(shape)
 
 
 def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -105,6 +162,9 @@ class ScreenedStrategy(Strategy):
         self.modality_weighting = cfg.modality_weighting and self.traits.linear and not central_dp
         self.state = StrategyState()
         self.round_stats: dict[int, RoundStats] = {}
+        # fedavg/fedprox without DP: the weighted mean is taken here, on arrays decoded once
+        self.own_mean = self.traits.kind == "mean" and not central_dp
+        self._decoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
         self.round_offset = 0  # a resumed run: rounds completed before this ServerApp started
         self.sent: list[Message] = []  # this round's train messages
 
@@ -186,9 +246,11 @@ class ScreenedStrategy(Strategy):
             stats.reasons.append(f"node {node}: no reply within strategy.round_timeout_s="
                                  f"{self.cfg.round_timeout_s:g}")
         for msg, node in zip(replies, nodes):
-            reason = _reply_problem(msg, expected, self.rank_flexible)
+            uploaded = _uploaded_bytes(msg)
+            reason = self.decompress(msg, expected)
+            reason = reason or _reply_problem(msg, expected, self.rank_flexible, self.arrays)
             if reason is None and self.cfg.max_update_norm > 0:
-                state = _numpy(msg.content[keys.ARRAYS])
+                state = self.arrays(msg)
                 norm = update_norm(state, {k: self.global_state[k] for k in state})
                 if norm > self.cfg.max_update_norm:
                     reason = f"update norm {norm:.3g} exceeds strategy.max_update_norm"
@@ -198,22 +260,55 @@ class ScreenedStrategy(Strategy):
                 log.warning("round %d: rejected reply for node %d: %s", server_round, node,
                             reason)
                 continue
-            stats.bytes_uploaded += msg.content[keys.ARRAYS].count_bytes()
+            stats.bytes_uploaded += uploaded
             self.state.node_ranks[msg.metadata.src_node_id] = self._rank(msg)
-            if not self.lora_mode.uploads_a:
-                record = msg.content[keys.ARRAYS]
+            if not self.lora_mode.uploads_a and not self.own_mean:  # (the mean sets A last)
+                record, state = msg.content[keys.ARRAYS], self.arrays(msg)
                 for k in self.reference.keys() - record.keys():
                     record[k] = Array(self.global_state[k])
+                    state[k] = self.global_state[k]
             if self.central_dp:  # the noise's sensitivity C/m needs an unweighted mean
                 msg.content[keys.METRICS][keys.NUM_EXAMPLES] = 1
             kept.append(msg)
         stats.replied = len(kept)
         note_site_epsilon(stats, [m.content[keys.METRICS] for m in kept])
+        note_site_timings(stats, [m.content[keys.METRICS] for m in kept])
         return kept
+
+    def decompress(self, msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
+        """Replace a compressed update by the plain adapter global + Δ; why it cannot be, or None."""
+        if (self.cfg.compression == "none" or msg.has_error()
+                or keys.ARRAYS not in msg.content.array_records):
+            return None  # plain arrays, or a reply that screening rejects with its own reason
+        try:
+            delta = decompress(_numpy(msg.content[keys.ARRAYS]), self.cfg.compression, expected)
+        except (CompressionError, ValueError, TypeError) as err:
+            return f"{self.cfg.compression} update cannot be decoded: {err}"
+        state = {k: self.global_state[k] + d for k, d in delta.items()}
+        msg.content[keys.ARRAYS] = record = _record(state)
+        self._decoded[id(record)] = (record, state)
+        return None
+
+    def arrays(self, msg: Message) -> dict[str, np.ndarray]:
+        """A reply's arrays as NumPy, decoded once per round (screening, then aggregation)."""
+        record = msg.content[keys.ARRAYS]
+        cached = self._decoded.get(id(record))
+        if cached is None or cached[0] is not record:
+            cached = self._decoded[id(record)] = (record, _numpy(record))
+        return cached[1]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        started = time.perf_counter()
+        try:
+            return self._aggregate_train(server_round, replies)
+        finally:
+            self._decoded.clear()
+            self.round_stats[server_round].aggregate_s = round(time.perf_counter() - started, 4)
+
+    def _aggregate_train(self, server_round: int, replies: Iterable[Message]
+                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.screen(server_round, replies)
         if 0 < len(kept) < self.cfg.min_train_nodes:  # too few valid updates: keep the global
             log.warning("round %d: only %d valid update(s), fewer than min_train_nodes=%d; "
@@ -228,7 +323,15 @@ class ScreenedStrategy(Strategy):
         elif kept and self.rank_flexible and heterogeneous != {self.lora_rank}:
             arrays, metrics = self.aggregate_ranks(kept)
         else:
-            arrays, metrics = self.inner.aggregate_train(server_round, kept)
+            if self.own_mean and kept:
+                arrays, metrics = self.aggregate_mean(kept)
+            else:
+                for msg in kept:  # Flower's strategy reads the arrays screening decoded
+                    decoded, record = self.arrays(msg), ArrayRecord()
+                    for k, v in msg.content[keys.ARRAYS].items():
+                        record[k] = DecodedArray.of(v, decoded[k])  # (the constructor copies)
+                    msg.content[keys.ARRAYS] = record
+                arrays, metrics = self.inner.aggregate_train(server_round, kept)
             if arrays is not None and self.modality_weighting:
                 arrays = self.weight_towers_by_modality(arrays, kept)
             if arrays is not None and self.central_dp:
@@ -252,7 +355,7 @@ class ScreenedStrategy(Strategy):
                 counts[modality] = c
         if not counts:
             return arrays
-        states = [_numpy(m.content[keys.ARRAYS]) for m in kept]
+        states = [self.arrays(m) for m in kept]
         return _record(reweight_towers(_numpy(arrays), states, counts))
 
     def _rank(self, msg: Message) -> int:
@@ -261,7 +364,7 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_ranks(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FlexLoRA: weighted mean of the sites' ΔW, re-factored to the global rank by SVD."""
-        states = [_numpy(m.content[keys.ARRAYS]) for m in kept]
+        states = [self.arrays(m) for m in kept]
         weights = np.array([float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept])
         scalings = [self.lora_alpha / self._rank(m) for m in kept]
         state, errors = aggregate_heterogeneous(states, weights, scalings, self.lora_rank,
@@ -275,9 +378,16 @@ class ScreenedStrategy(Strategy):
                  max(errors.values(), default=0.0))
         return _record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
 
+    def aggregate_mean(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """FedAvg: the num-examples-weighted mean of every tensor (float64 accumulation)."""
+        states = [self.arrays(m) for m in kept]
+        weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
+        return (_record(aggregate_naive(states, weights)),
+                aggregate_train_metrics(self.inner, [m.content for m in kept]))
+
     def aggregate_exact(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FedEx-LoRA: average the factors, fold the residual into the base weights."""
-        states = [_numpy(m.content[keys.ARRAYS]) for m in kept]
+        states = [self.arrays(m) for m in kept]
         weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
         state, residual = aggregate_exact(states, weights, self.lora_alpha / self.lora_rank)
         for prefix, r in residual.items():
@@ -308,10 +418,22 @@ def client_error(reason: str) -> str:
     if "Message: " in message:  # Ray's traceback around Flower's ClientAppException
         return " ".join(message.rsplit("Message: ", 1)[1].split())
     return f"{kind}: {' '.join(message.split())}"
+def note_site_timings(stats: RoundStats, metrics: list) -> None:
+    """Keep the start-up seconds (message start to first step) the sites of a round reported."""
+    stats.site_startups = [float(m[keys.SITE_STARTUP]) for m in metrics if keys.SITE_STARTUP in m]
+
+
+def _uploaded_bytes(msg: Message) -> int:
+    """Bytes of the arrays a reply carried (as sent: compressed when compression is on)."""
+    if msg.has_error() or keys.ARRAYS not in msg.content.array_records:
+        return 0
+    return msg.content[keys.ARRAYS].count_bytes()
 
 
 def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
-                   rank_flexible: bool = False) -> str | None:
+                   rank_flexible: bool = False,
+                   arrays: Callable[[Message], dict[str, np.ndarray]] | None = None
+                   ) -> str | None:
     """Why a train reply cannot be aggregated, or None (LoRA ranks may vary if flexible)."""
     if msg.has_error():
         return f"client error: {client_error(msg.error.reason)}"
@@ -320,7 +442,7 @@ def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
         return "reply lacks the adapter arrays or the metrics"
     metrics = content[keys.METRICS]
     try:
-        update = _numpy(content[keys.ARRAYS])
+        update = arrays(msg) if arrays else _numpy(content[keys.ARRAYS])
         num_examples = float(metrics.get(keys.NUM_EXAMPLES, 0))
         with_modality = [float(metrics.get(k, 0)) for k in keys.NUM_MODALITY_EXAMPLES.values()]
     except (ValueError, TypeError) as err:
