@@ -132,7 +132,8 @@ def _predict_without_labels(tmp: Path, mp: pytest.MonkeyPatch) -> Callable[[], o
     from common import inference
 
     mp.setattr(inference, "predict", lambda b, data, device: torch.zeros(len(data), 2))
-    model = load_config(["model=minilm_cnn", "model.vision.image_size=8"]).model
+    model = load_config(["model=minilm_cnn", "model.vision.image_size=8",
+                         "model.modalities=[image,text]"]).model
     bundle = SimpleNamespace(label_names=["a", "b"], cfg=model)
     _text_file(tmp, "new.csv", "image,text\na.png,t\ngone.png,t\n")
     return lambda: inference.predict_manifest(bundle, tmp / "new.csv", tmp / "p.csv", "cpu")
@@ -200,7 +201,8 @@ def adapter_and_data(tmp_path_factory, tiny_text_dir) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cli-probes")
     _, test = generate(root / "demo", 6, 6, seed=0)
     cfg = load_config(["model=minilm_cnn", f"model.text.name_or_path={tiny_text_dir}",
-                       "model.fusion_dim=16", "model.vision.channels=[8]"])
+                       "model.fusion_dim=16", "model.vision.channels=[8]",
+                       "model.modalities=[image,text]"])
     labels = sorted({row["label"] for row in csv.DictReader(test.open())})
     save_adapter(build_model(cfg.model, labels), root / "adapter")
     (root / "adapter" / "config.json").write_text(to_json(cfg))

@@ -21,7 +21,8 @@ ROWS = [{"round": r, "test_accuracy": 0.2 + 0.3 * r, "train_loss": math.nan if r
 @pytest.fixture
 def written(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config(["logging=[tensorboard,mlflow]", "strategy=fedprox"])
+    cfg = load_config(["logging=[tensorboard,mlflow]", "strategy=fedprox",
+                       "model.modalities=[image,text]"])
     trackers = Trackers(cfg, tmp_path)
     for row in ROWS:
         trackers.log_round(row)
