@@ -1,5 +1,4 @@
-"""Centralized and local-only baselines on the same split as a federation (tiny towers: the
-baselines' bookkeeping, not the model, is under test)."""
+"""Centralized and local-only baselines on the same split as a federation."""
 
 from __future__ import annotations
 
@@ -11,18 +10,16 @@ from common.data import load_manifest
 from common.partition import partition_indices
 from simulations.baselines import centralized, local
 from simulations.run import prepare
-from tests.conftest import tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def skewed(tmp_path_factory, tiny_text_dir):
+def skewed(tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
     return prepare(load_config([
         f"data.demo_dir={root / 'demo'}", "data.demo_train=600", "data.demo_test=120",
         "partition.num_clients=3", "partition.alpha=0.1", "partition.min_partition_size=20",
         "strategy.rounds=2", "train.epochs=3", "strategy.min_train_nodes=2",
-        "strategy.min_available_nodes=2", f"output_dir={root / 'run'}", "train.lr=0.01",
-        *tiny_overrides(tiny_text_dir)]))
+        "strategy.min_available_nodes=2", f"output_dir={root / 'run'}"]))
 
 
 def test_local_only_sites_fall_below_the_pooled_model_under_label_skew(skewed):
