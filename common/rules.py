@@ -88,6 +88,13 @@ RULES: tuple[Rule, ...] = (
          when=lambda c: c.data.source == "demo"),
     Rule("data.demo_test", lambda c: c.data.demo_test > 0, "> 0 with data.source=demo",
          when=lambda c: c.data.source == "demo"),
+    Rule("partition.on_small", lambda c: c.partition.on_small in ("refuse", "rebalance"),
+         lambda c: f"refuse or rebalance with partition={c.partition.name} (merge and drop "
+                   "group the sites of partition=natural)",
+         when=lambda c: c.partition.name != "natural"),
+    Rule("partition.on_small", lambda c: c.partition.on_small != "rebalance",
+         "refuse, merge or drop with partition=natural (a natural site's rows stay its own)",
+         when=lambda c: c.partition.name == "natural"),
     # sampling and local training
     Rule("strategy.min_train_nodes", lambda c: c.strategy.min_train_nodes <= c.partition.num_clients,
          lambda c: f"in [1, partition.num_clients={c.partition.num_clients}]"),

@@ -107,7 +107,11 @@ class PartitionConfig:
     classes_per_client: int = spec(ge=1)   # pathological: labels each site holds
     power: float = spec(ge=0)              # quantity: site sizes proportional to (i + 1) ** -power
     column: str                            # natural: one site per distinct value of this column
-    on_small: str = spec(one_of=("refuse", "rebalance"))  # a site below min_partition_size
+    holdout_fraction: float = spec(ge=0, lt=1)  # of each site's rows, held out (seeded) for
+                                                # per-site evaluation, never trained on
+    # a site below min_partition_size: refuse; rebalance (synthetic splits); merge into one
+    # `other` site or drop its rows (natural splits)
+    on_small: str = spec(one_of=("refuse", "rebalance", "merge", "drop"))
 
 
 @dataclass(frozen=True)
