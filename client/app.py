@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import keys
@@ -21,6 +21,7 @@ from common.strategies import LORA_MODES
 from common.train import evaluate as evaluate_model
 from common.train import train_local
 from client.compression import upload_record
+from client.personal import ditto_step, personal_metrics
 from client.privacy import local_dp_train, privacy_mod
 from client.site import Site, load_site, ready_to_train, run_config
 from client.timing import message_started
@@ -45,6 +46,7 @@ def train(msg: Message, context: Context) -> Message:
                               device=site.device)
     seconds = time.perf_counter() - started
     state = to_numpy(adapter_state(site.bundle.model))
+    ditto_step(site, context)  # personalization=ditto: the personal adapter, kept here
     if not LORA_MODES[cfg.strategy.lora_aggregation].uploads_a:  # ffa: A never changes
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
     state = _maybe_poison(cfg, context, state, site.global_state)
@@ -103,11 +105,17 @@ def _maybe_poison(cfg: Config, context: Context, state: dict, global_state: dict
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global adapter on this site's held-out validation data."""
+    """Evaluate the global adapter on this site's held-out share; name the site in the reply.
+
+    After the last round, with `personalization` set, the site also builds its personal
+    adapter (saved here, never sent) and reports it on the same rows (client/personal.py).
+    """
     site = load_site(msg, context)
     data = site.val if len(site.val) else site.train  # a site too small to hold data out
     result = evaluate_model(site.bundle, data, device=site.device)
-    reply = RecordDict({keys.METRICS: MetricRecord({
-        keys.NUM_EXAMPLES: len(data), keys.EVAL_LOSS: result["loss"],
-        keys.EVAL_ACCURACY: result["accuracy"]})})
+    metrics = {keys.NUM_EXAMPLES: len(data), keys.EVAL_LOSS: result["loss"],
+               keys.EVAL_ACCURACY: result["accuracy"], keys.EVAL_MACRO_F1: result["macro_f1"],
+               **personal_metrics(site, context, data)}
+    reply = RecordDict({keys.METRICS: MetricRecord(metrics),
+                        keys.SITE: ConfigRecord({keys.SITE_NAME: site.name})})
     return Message(content=reply, reply_to=msg)

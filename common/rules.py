@@ -95,6 +95,17 @@ RULES: tuple[Rule, ...] = (
     Rule("partition.on_small", lambda c: c.partition.on_small != "rebalance",
          "refuse, merge or drop with partition=natural (a natural site's rows stay its own)",
          when=lambda c: c.partition.name == "natural"),
+    # personalization (client/personal.py)
+    Rule("personalization.name", lambda c: c.personalization.name == "none",
+         "none with privacy.secagg=true (comparing personal and global adapters per site is a "
+         "federated evaluation, refused under SecAgg+)", when=_secagg),
+    Rule("strategy.fraction_evaluate", lambda c: c.strategy.fraction_evaluate == 1,
+         lambda c: f"1.0 with personalization={c.personalization.name} (every site compares "
+                   "its personal adapter with the global one in the last round's evaluation)",
+         when=lambda c: c.personalization.name != "none" and not c.privacy.secagg),
+    Rule("personalization.name", lambda c: c.personalization.name != "ditto",
+         "none or finetune with privacy.dp=local (Ditto's personal steps are not wired "
+         "through the Opacus-wrapped DP-SGD model here)", when=_local_dp),
     # sampling and local training
     Rule("strategy.min_train_nodes", lambda c: c.strategy.min_train_nodes <= c.partition.num_clients,
          lambda c: f"in [1, partition.num_clients={c.partition.num_clients}]"),

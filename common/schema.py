@@ -208,6 +208,19 @@ class PrivacyConfig:
     clipped_count_stddev: float = spec(ge=0)  # 0: Flower's default, num_sampled / 20
 
 
+PERSONALIZATIONS = ("none", "finetune", "ditto")  # client/personal.py
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    """What each site builds for itself (client/personal.py); saved at the site, never sent."""
+
+    name: str = spec(one_of=PERSONALIZATIONS)
+    epochs: int = spec(gt=0)     # finetune: local epochs on the head and LoRA B after the last round
+    lr: float = spec(gt=0)       # finetune and ditto: the personal model's learning rate
+    ditto_lambda: float = spec(ge=0)  # ditto: lambda/2 * ||v - w_global||^2 pulls v to the global
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig
@@ -218,6 +231,7 @@ class Config:
     strategy: StrategyConfig
     simulation: SimulationConfig
     privacy: PrivacyConfig
+    personalization: PersonalizationConfig
     seed: int
     device: str = spec(one_of=("auto", "cpu", "cuda"))
     output_dir: str

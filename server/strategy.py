@@ -63,6 +63,7 @@ class RoundStats:
     aggregated: bool = False  # the round produced a new global adapter
     site_startups: list[float] = field(default_factory=list)  # message start to first step
     aggregate_s: float = float("nan")  # screening + aggregation at the server
+    sites: dict[str, dict] = field(default_factory=dict)  # federated evaluation, per site
 
     def timings(self) -> dict[str, float]:
         """Start-up and aggregation columns for metrics.jsonl (NaN where nothing was measured)."""
@@ -216,7 +217,12 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+        """Keep each site's figures on its held-out share; Flower averages them as usual."""
+        server_round += self.round_offset
+        replies = list(replies)
+        stats = self.round_stats.setdefault(server_round, RoundStats())
+        stats.sites = site_results(replies)
+        return self.inner.aggregate_evaluate(server_round, replies)
 
     def expected_keys(self) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a site uploads (ffa sites keep A to themselves)."""
@@ -393,6 +399,25 @@ class ScreenedStrategy(Strategy):
         for prefix, r in residual.items():
             self.state.residuals[prefix] = self.state.residuals.get(prefix, 0) + r
         return _record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
+
+
+SITE_FIELDS = {keys.EVAL_ACCURACY: "accuracy", keys.EVAL_MACRO_F1: "macro_f1",
+               keys.EVAL_LOSS: "loss", keys.NUM_EXAMPLES: "num_examples",
+               keys.PERSONAL_ACCURACY: "personal_accuracy",
+               keys.PERSONAL_MACRO_F1: "personal_macro_f1"}  # evaluate reply -> metrics.jsonl
+
+
+def site_results(replies: list[Message]) -> dict[str, dict]:
+    """Each replying site's evaluation figures, by the name its reply gives."""
+    out = {}
+    for msg in replies:
+        if msg.has_error() or keys.SITE not in msg.content.config_records:
+            continue
+        metrics = msg.content[keys.METRICS]
+        name = str(msg.content[keys.SITE][keys.SITE_NAME])
+        out[name] = {f: int(metrics[k]) if f == "num_examples" else float(metrics[k])
+                     for k, f in SITE_FIELDS.items() if k in metrics}
+    return dict(sorted(out.items()))
 
 
 def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
