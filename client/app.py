@@ -17,11 +17,11 @@ from common.adapter import adapter_state, to_numpy
 from common.attacks import is_attacker, poison
 from common.faults import crashes, hang_seconds
 from common.schema import Config
-from common.strategies import LORA_MODES
+from common.strategies import site_only
 from common.train import evaluate as evaluate_model
 from common.train import train_local
 from client.compression import upload_record
-from client.personal import ditto_step, personal_metrics
+from client.personal import after_train, before_train, personal_metrics
 from client.privacy import local_dp_train, privacy_mod
 from client.site import Site, load_site, ready_to_train, run_config
 from client.timing import message_started
@@ -38,6 +38,7 @@ def train(msg: Message, context: Context) -> Message:
     ready = ready_to_train(site)  # the stems are computed: start-up ends, training starts
     cfg = site.cfg
     _maybe_hang(site, context)
+    before_train(site, context)  # fedsa: this site's own LoRA B
     started = time.perf_counter()
     if cfg.privacy.dp == "local":
         metrics = local_dp_train(site, context)
@@ -46,9 +47,9 @@ def train(msg: Message, context: Context) -> Message:
                               device=site.device)
     seconds = time.perf_counter() - started
     state = to_numpy(adapter_state(site.bundle.model))
-    ditto_step(site, context)  # personalization=ditto: the personal adapter, kept here
-    if not LORA_MODES[cfg.strategy.lora_aggregation].uploads_a:  # ffa: A never changes
-        state = {k: v for k, v in state.items() if ".lora_A." not in k}
+    after_train(site, context)  # ditto / fedsa: the personal adapter, kept here
+    kept_here = site_only(cfg.strategy.lora_aggregation, cfg.personalization.name)
+    state = {k: v for k, v in state.items() if not any(f in k for f in kept_here)}
     state = _maybe_poison(cfg, context, state, site.global_state)
     _maybe_crash(site, context)
     with_modality = {keys.NUM_MODALITY_EXAMPLES[m]: int(site.train.has(m).sum())

@@ -3,8 +3,10 @@
 `personalization=finetune`: after the last round each site fine-tunes the global adapter's
 head and LoRA B (A frozen) on its own training rows. `personalization=ditto` (Li et al., ICML
 2021): every round, beside the global update it sends, a site trains its personal adapter v
-with ditto_lambda/2 * ||v - w_global||^2, v kept in the site's Flower Context. Either way the
-personal adapter is saved at the site (simulated: RUN_DIR/sites/<site>/personal-adapter;
+with ditto_lambda/2 * ||v - w_global||^2, v kept in the site's Flower Context.
+`personalization=fedsa` (FedSA-LoRA, Guo et al., ICLR 2025): LoRA A and the head are shared,
+each site's LoRA B never leaves it (kept in its Context, put over the global adapter before
+each round's training; the server keeps the global B). Either way the personal adapter is saved at the site (simulated: RUN_DIR/sites/<site>/personal-adapter;
 deployed: node config `personal-dir`, else beside its manifest) and never sent; the last
 round's evaluate reply reports it on the same held-out rows as the global one.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 
 from common import keys
@@ -23,25 +26,47 @@ from common.model import save_adapter
 from common.train import evaluate, train_local
 from client.site import Site
 
-PERSONAL_STATE = "fedmm-personal-adapter"  # ditto: v, in the site's Context
+PERSONAL_STATE = "fedmm-personal-adapter"  # ditto: v; fedsa: B; in the site's Context
+LORA_B = ".lora_B."
+
+
+def _stored(context: Context) -> dict[str, np.ndarray]:
+    record = context.state.array_records.get(PERSONAL_STATE)
+    return {} if record is None else {k: v.numpy() for k, v in record.items()}
+
+
+def _store(context: Context, state: dict[str, np.ndarray]) -> None:
+    context.state[PERSONAL_STATE] = ArrayRecord({k: Array(v) for k, v in state.items()})
+
+
+def before_train(site: Site, context: Context) -> None:
+    """FedSA-LoRA: this site's own B over the global adapter (from its second round on)."""
+    if site.cfg.personalization.name == "fedsa" and (own := _stored(context)):
+        set_adapter_state(site.bundle.model, {**site.global_state, **own})
+
+
+def after_train(site: Site, context: Context) -> None:
+    """Keep what is personal after this round's training: fedsa B, or a Ditto step."""
+    name = site.cfg.personalization.name
+    if name == "fedsa":
+        state = to_numpy(adapter_state(site.bundle.model))
+        _store(context, {k: v for k, v in state.items() if LORA_B in k})
+    elif name == "ditto":
+        ditto_step(site, context)
 
 
 def ditto_step(site: Site, context: Context) -> None:
     """Ditto: train this site's personal adapter v one round, pulled towards the global one."""
     p = site.cfg.personalization
-    if p.name != "ditto":
-        return
     model = site.bundle.model
     set_adapter_state(model, site.global_state)
     anchor = [t.detach().clone() for t in model.parameters() if t.requires_grad]  # w_global
-    stored = context.state.array_records.get(PERSONAL_STATE)
-    if stored is not None:
-        set_adapter_state(model, {k: v.numpy() for k, v in stored.items()})
+    if own := _stored(context):
+        set_adapter_state(model, own)
     train = replace(site.cfg.train, lr=p.lr, proximal_mu=p.ditto_lambda)
     train_local(site.bundle, site.train, train, seed=site.seed + 1, device=site.device,
                 anchor=anchor)
-    context.state[PERSONAL_STATE] = ArrayRecord(
-        {k: Array(v) for k, v in to_numpy(adapter_state(model)).items()})
+    _store(context, to_numpy(adapter_state(model)))
 
 
 def personal_metrics(site: Site, context: Context, data: Encoded) -> dict[str, float]:
@@ -54,9 +79,8 @@ def personal_metrics(site: Site, context: Context, data: Encoded) -> dict[str, f
         set_lora_a_trainable(model, False)
         train = replace(cfg.train, epochs=p.epochs, lr=p.lr, proximal_mu=0.0)
         train_local(site.bundle, site.train, train, seed=site.seed + 2, device=site.device)
-    else:  # ditto: v as the last round left it
-        stored = context.state.array_records[PERSONAL_STATE]
-        set_adapter_state(model, {k: v.numpy() for k, v in stored.items()})
+    else:  # ditto: v as the last round left it; fedsa: the global adapter with its own B
+        set_adapter_state(model, {**site.global_state, **_stored(context)})
     result = evaluate(site.bundle, data, device=site.device)
     save_adapter(site.bundle, personal_dir(site, context))
     set_adapter_state(model, site.global_state)  # the cached model as the message found it

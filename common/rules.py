@@ -106,6 +106,16 @@ RULES: tuple[Rule, ...] = (
     Rule("personalization.name", lambda c: c.personalization.name != "ditto",
          "none or finetune with privacy.dp=local (Ditto's personal steps are not wired "
          "through the Opacus-wrapped DP-SGD model here)", when=_local_dp),
+    Rule("personalization.name", lambda c: c.privacy.dp == "none",
+         lambda c: f"none, finetune or ditto with privacy.dp={c.privacy.dp} (FedSA-LoRA's "
+                   "partial uploads are not wired through the DP clipping here)",
+         when=lambda c: c.personalization.name == "fedsa"),
+    Rule("strategy.lora_aggregation", lambda c: c.strategy.lora_aggregation == "naive",
+         "naive with personalization=fedsa (ffa would share no LoRA factor; exact needs each "
+         "site's B to fold B·A)", when=lambda c: c.personalization.name == "fedsa"),
+    Rule("simulation.site_ranks", lambda c: not set(c.simulation.site_ranks) - {c.model.lora.r},
+         "[] with personalization=fedsa (FlexLoRA refactors the dense B·A, B stays at the sites)",
+         when=lambda c: c.personalization.name == "fedsa"),
     # sampling and local training
     Rule("strategy.min_train_nodes", lambda c: c.strategy.min_train_nodes <= c.partition.num_clients,
          lambda c: f"in [1, partition.num_clients={c.partition.num_clients}]"),

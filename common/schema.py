@@ -208,7 +208,7 @@ class PrivacyConfig:
     clipped_count_stddev: float = spec(ge=0)  # 0: Flower's default, num_sampled / 20
 
 
-PERSONALIZATIONS = ("none", "finetune", "ditto")  # client/personal.py
+PERSONALIZATIONS = ("none", "finetune", "ditto", "fedsa")  # client/personal.py
 
 
 @dataclass(frozen=True)

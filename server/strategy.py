@@ -42,7 +42,7 @@ from common.lora_math import (aggregate_exact, aggregate_heterogeneous, aggregat
                               reweight_towers, update_norm)
 from common.rules import value_at
 from common.schema import CENTRAL_DP, Config, StrategyConfig
-from common.strategies import LORA_MODES, traits
+from common.strategies import LORA_MODES, site_only, traits
 from server.flower_state import (aggregate_train_metrics, read_optimizer_state,
                                  write_optimizer_state)
 
@@ -151,15 +151,19 @@ class ScreenedStrategy(Strategy):
     """Screen, count and log replies, then aggregate with the inner Flower strategy (LoRA-aware)."""
 
     def __init__(self, inner: Strategy, cfg: StrategyConfig, initial: ArrayRecord,
-                 lora_alpha: float, central_dp: bool = False):
+                 lora_alpha: float, central_dp: bool = False,
+                 site_factors: tuple[str, ...] | None = None):
         self.inner, self.cfg, self.central_dp = inner, cfg, central_dp
         self.traits, self.lora_mode = traits(cfg.name), LORA_MODES[cfg.lora_aggregation]
+        # LoRA factors that stay at the sites (ffa: A; fedsa: B): the global ones are kept
+        self.site_factors = site_only(cfg.lora_aggregation) if site_factors is None else site_factors
         self.reference = {k: tuple(v.shape) for k, v in initial.items()}
         self.global_state = _numpy(initial)
         a_key = next((k for k in self.reference if ".lora_A." in k), None)
         self.lora_rank = self.reference[a_key][0] if a_key else 1
         self.lora_alpha = lora_alpha
-        self.rank_flexible = self.traits.linear and cfg.lora_aggregation == "naive"
+        self.rank_flexible = (self.traits.linear and cfg.lora_aggregation == "naive"
+                              and not self.site_factors)  # (fedsa: no B to refactor with)
         self.modality_weighting = cfg.modality_weighting and self.traits.linear and not central_dp
         self.state = StrategyState()
         self.round_stats: dict[int, RoundStats] = {}
@@ -225,9 +229,10 @@ class ScreenedStrategy(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
     def expected_keys(self) -> dict[str, tuple[int, ...]]:
-        """Keys and shapes a site uploads (ffa sites keep A to themselves)."""
-        if not self.lora_mode.uploads_a:
-            return {k: s for k, s in self.reference.items() if ".lora_A." not in k}
+        """Keys and shapes a site uploads (ffa sites keep A to themselves, fedsa sites B)."""
+        if self.site_factors:
+            return {k: s for k, s in self.reference.items()
+                    if not any(f in k for f in self.site_factors)}
         return self.reference
 
     def arrays_for_rank(self, rank: int) -> dict[str, np.ndarray]:
@@ -240,7 +245,7 @@ class ScreenedStrategy(Strategy):
         return state
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Drop and count replies unfit to aggregate; re-insert frozen A in ffa mode."""
+        """Drop and count replies unfit to aggregate; re-insert factors kept at the sites."""
         stats = self.round_stats.setdefault(server_round, RoundStats())
         expected, kept, replies = self.expected_keys(), [], list(replies)
         # the node each reply answers for: the SuperLink itself answers for a lost node
@@ -268,7 +273,7 @@ class ScreenedStrategy(Strategy):
                 continue
             stats.bytes_uploaded += uploaded
             self.state.node_ranks[msg.metadata.src_node_id] = self._rank(msg)
-            if not self.lora_mode.uploads_a and not self.own_mean:  # (the mean sets A last)
+            if self.site_factors and not self.own_mean:  # (the mean sets them last)
                 record, state = msg.content[keys.ARRAYS], self.arrays(msg)
                 for k in self.reference.keys() - record.keys():
                     record[k] = Array(self.global_state[k])
@@ -342,7 +347,7 @@ class ScreenedStrategy(Strategy):
                 arrays = self.weight_towers_by_modality(arrays, kept)
             if arrays is not None and self.central_dp:
                 self.state.dp_releases += 1
-        if arrays is not None and not self.lora_mode.uploads_a:  # A stays frozen, bit for bit
+        if arrays is not None and self.site_factors:  # the global ones stay, bit for bit
             for k in self.reference.keys() - self.expected_keys().keys():
                 arrays[k] = Array(self.global_state[k])
         if metrics is not None and keys.TRAIN_LOSS in metrics:
@@ -533,4 +538,6 @@ def make_strategy(cfg: Config, initial: ArrayRecord,
     """
     inner = wrap(flower_class(cfg.strategy.name)(**strategy_args(cfg)))
     return ScreenedStrategy(inner, cfg.strategy, initial, cfg.model.lora.alpha,
-                            central_dp=cfg.privacy.dp in CENTRAL_DP)
+                            central_dp=cfg.privacy.dp in CENTRAL_DP,
+                            site_factors=site_only(cfg.strategy.lora_aggregation,
+                                                   cfg.personalization.name))

@@ -114,3 +114,13 @@ def test_ditto_anchor_pulls_towards_the_given_tensors_not_the_start(tiny_text_di
                                                 proximal_mu=mu), anchor=anchor)
         ends[mu, anchor is None] = _distance(_trainable(bundle), w)
     assert ends[50.0, False] < 0.5 * ends[0.0, False] < ends[50.0, True], ends
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["personalization=fedsa", "privacy=central_dp"], "personalization.name"),
+    (["personalization=fedsa", "strategy.lora_aggregation=ffa"], "strategy.lora_aggregation"),
+    (["personalization=fedsa", "simulation.site_ranks=[4,8]"], "simulation.site_ranks"),
+])
+def test_fedsa_refusals_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key} must be"):
+        load_config(overrides)
