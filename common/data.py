@@ -3,8 +3,8 @@
 A manifest is a CSV (`.csv`) or JSON Lines (`.jsonl`, or `.json` holding lines or one list)
 file with a `label` column (class name), one or more modality columns, `image` and `audio`
 (paths relative to the manifest's folder, or absolute; audio: wav/flac/ogg, anything
-libsndfile reads) and `text`, and any other columns (e.g. `site`), kept as text; a column name
-may appear once.
+libsndfile reads) and `text`, and any other columns (e.g. `site`), kept as text (names
+starting with `_` are reserved and ignored); a column name may appear once.
 `load_manifest` checks every row and decodes every image and audio file in full (the verdict is
 cached per file version), skips and counts bad rows, names the first few in its warning, and
 returns a `datasets.Dataset` with absolute paths; `encode` turns it into tensors for training
@@ -250,6 +250,18 @@ def _check_path(value: Any, base: Path, modality: str) -> tuple[str | None, str]
     return str(path), ""
 
 
+def _extra_column(name: Any) -> bool:
+    """Whether a manifest column is kept as text: not a modality or the label, not reserved
+    (a leading `_`: fedmm's own columns), and a name Arrow can store (valid UTF-8)."""
+    if not isinstance(name, str) or name in (*MODALITIES, "label") or name.startswith("_"):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_row(row: dict[Any, Any], base: Path, modalities: Sequence[str]
                ) -> tuple[dict[str, str] | None, str]:
     """Return the cleaned row (files not yet decoded), or None and the reason it is unusable."""
@@ -270,7 +282,7 @@ def _check_row(row: dict[Any, Any], base: Path, modalities: Sequence[str]
             return None, reason
     out["label"] = str(label).strip()
     for key, value in row.items():  # every other column (a site column, metadata), as text
-        if isinstance(key, str) and key not in out and key not in MODALITIES:
+        if key not in out and _extra_column(key):
             out[key] = "" if value is None else str(value)
     try:
         "".join(out.values()).encode("utf-8")
@@ -376,7 +388,7 @@ def load_manifest(path: str | Path, default_label: str | None = None,
         raise ManifestError(f"{path}: no modality column (needs one of {', '.join(wanted)}; "
                             f"has {', '.join(sorted(map(str, columns)))})")
     base = path.resolve().parent
-    extras = sorted(c for c in columns if isinstance(c, str) and c not in (*MODALITIES, "label"))
+    extras = sorted(c for c in columns if _extra_column(c))
     skips: dict[str, list[str]] = {}  # reason -> where (and why, for files), in file order
     checked: list[tuple[str, dict[str, str]]] = []
     for where, row in raw:

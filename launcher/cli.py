@@ -7,7 +7,8 @@
     fedmm train    --superlink fl.example.org:9093 --ca certs/ca.crt [hydra overrides]
     fedmm train    --superlink ... --ca ... --resume runs/RUN   # after a crash
     fedmm predict  --adapter runs/RUN/adapter --data /data/new.csv --out preds.csv
-    fedmm evaluate --adapter runs/RUN/adapter --data /data/test.csv
+    fedmm evaluate --adapter runs/RUN/adapter --data /data/test.csv [--site-column site]
+    fedmm evaluate --adapter runs/RUN/adapter --data /data/train.csv --held-out  # a site's own
     fedmm export   --adapter runs/RUN/adapter --merge --out served/
 
 Every command prints one line and exits non-zero on a user error (no traceback).

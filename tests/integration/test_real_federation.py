@@ -47,7 +47,7 @@ def federation(tmp_path_factory, tiny_text_dir):
         *tiny_overrides(tiny_text_dir), "data=manifest", f"data.train={manifest}",
         f"data.test={test}", "partition=natural", "partition.column=hospital",
         "partition.min_partition_size=10", "partition.holdout_fraction=0.34",
-        "personalization=finetune", "personalization.epochs=3", "strategy.rounds=2",
+        "personalization=finetune", "personalization.epochs=3", "strategy.rounds=1",
         "train.epochs=1", "strategy.min_train_nodes=2", f"output_dir={root / 'run'}",
         "simulation.timeout_s=600"]))
     return cfg, launch(cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 
@@ -79,3 +81,16 @@ def test_any_column_can_be_the_site_column():
 def test_on_small_modes_refused_outside_their_splits(overrides, key):
     with pytest.raises(ConfigError, match=rf"^{key} must be"):
         check_rules(load_config(overrides), check_files=False)
+
+
+def test_manifest_columns_beyond_the_modalities_are_kept_as_text(tmp_path):
+    from common.data import load_manifest
+
+    path = tmp_path / "m.jsonl"
+    rows = [{"text": "a", "label": "x", "hospital": "h1", "ward": 3, "_row_id": 9},
+            {"text": "b", "label": "y", "hospital": None},
+            {"text": "c", "label": "x", "hospital": "h2", "ward": 4.5}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ds, _ = load_manifest(path, modalities=["text"])
+    assert set(ds.column_names) == {"text", "label", "hospital", "ward"}  # `_` is reserved
+    assert ds["hospital"][:] == ["h1", "", "h2"] and ds["ward"][:] == ["3", "", "4.5"]

@@ -103,14 +103,14 @@ def test_ditto_anchor_pulls_towards_the_given_tensors_not_the_start(tiny_text_di
     bundle = build_model(cfg.model, LABELS)
     data = random_batch(16)
     w = _trainable(bundle)
-    train_local(bundle, data, train_options(epochs=5, batch_size=8, lr=1e-2))
+    train_local(bundle, data, train_options(epochs=3, batch_size=8, lr=1e-2))
     v = _trainable(bundle)
     ends = {}
     for mu, anchor in ((0.0, w), (50.0, w), (50.0, None)):  # None: the start, v
         with torch.no_grad():
             for p, start in zip([p for p in bundle.model.parameters() if p.requires_grad], v):
                 p.copy_(start)
-        train_local(bundle, data, train_options(epochs=3, batch_size=8, lr=1e-2,
+        train_local(bundle, data, train_options(epochs=2, batch_size=8, lr=1e-2,
                                                 proximal_mu=mu), anchor=anchor)
         ends[mu, anchor is None] = _distance(_trainable(bundle), w)
     assert ends[50.0, False] < 0.5 * ends[0.0, False] < ends[50.0, True], ends
