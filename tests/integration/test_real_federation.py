@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,14 @@ def test_each_site_keeps_a_personal_adapter_that_reproduces_its_reported_figures
 def test_fedmm_evaluate_reports_the_same_per_site_figures(federation, tmp_path):
     """A site scores the global adapter on its own manifest: per site of a column, and only
     the rows it held out (`--held-out`), as the run split them."""
-    from launcher.cli import main
+    from launcher.cli import main as fedmm
+
+    def main(argv: list[str]) -> int:  # the CLI in-process, leaving pytest's SIGTERM as it was
+        saved = signal.getsignal(signal.SIGTERM)
+        try:
+            return fedmm(argv)
+        finally:
+            signal.signal(signal.SIGTERM, saved)
 
     cfg, summary = federation
     out = tmp_path / "eval.json"
