@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import keys
@@ -17,10 +17,11 @@ from common.adapter import adapter_state, to_numpy
 from common.attacks import is_attacker, poison
 from common.faults import crashes, hang_seconds
 from common.schema import Config
-from common.strategies import LORA_MODES
+from common.strategies import site_only
 from common.train import evaluate as evaluate_model
 from common.train import train_local
 from client.compression import upload_record
+from client.personal import after_train, before_train, personal_metrics
 from client.privacy import local_dp_train, privacy_mod
 from client.site import Site, load_site, ready_to_train, run_config
 from client.timing import message_started
@@ -37,6 +38,7 @@ def train(msg: Message, context: Context) -> Message:
     ready = ready_to_train(site)  # the stems are computed: start-up ends, training starts
     cfg = site.cfg
     _maybe_hang(site, context)
+    before_train(site, context)  # fedsa: this site's own LoRA B
     started = time.perf_counter()
     if cfg.privacy.dp == "local":
         metrics = local_dp_train(site, context)
@@ -45,8 +47,9 @@ def train(msg: Message, context: Context) -> Message:
                               device=site.device)
     seconds = time.perf_counter() - started
     state = to_numpy(adapter_state(site.bundle.model))
-    if not LORA_MODES[cfg.strategy.lora_aggregation].uploads_a:  # ffa: A never changes
-        state = {k: v for k, v in state.items() if ".lora_A." not in k}
+    after_train(site, context)  # ditto / fedsa: the personal adapter, kept here
+    kept_here = site_only(cfg.strategy.lora_aggregation, cfg.personalization.name)
+    state = {k: v for k, v in state.items() if not any(f in k for f in kept_here)}
     state = _maybe_poison(cfg, context, state, site.global_state)
     _maybe_crash(site, context)
     with_modality = {keys.NUM_MODALITY_EXAMPLES[m]: int(site.train.has(m).sum())
@@ -103,11 +106,17 @@ def _maybe_poison(cfg: Config, context: Context, state: dict, global_state: dict
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global adapter on this site's held-out validation data."""
+    """Evaluate the global adapter on this site's held-out share; name the site in the reply.
+
+    After the last round, with `personalization` set, the site also builds its personal
+    adapter (saved here, never sent) and reports it on the same rows (client/personal.py).
+    """
     site = load_site(msg, context)
     data = site.val if len(site.val) else site.train  # a site too small to hold data out
     result = evaluate_model(site.bundle, data, device=site.device)
-    reply = RecordDict({keys.METRICS: MetricRecord({
-        keys.NUM_EXAMPLES: len(data), keys.EVAL_LOSS: result["loss"],
-        keys.EVAL_ACCURACY: result["accuracy"]})})
+    metrics = {keys.NUM_EXAMPLES: len(data), keys.EVAL_LOSS: result["loss"],
+               keys.EVAL_ACCURACY: result["accuracy"], keys.EVAL_MACRO_F1: result["macro_f1"],
+               **personal_metrics(site, context, data)}
+    reply = RecordDict({keys.METRICS: MetricRecord(metrics),
+                        keys.SITE: ConfigRecord({keys.SITE_NAME: site.name})})
     return Message(content=reply, reply_to=msg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from common.lora_math import fit_rank
 from common.model import Bundle
 from common.stems import cached_stems
 from common.strategies import LORA_MODES
-from common.task import cached_bundle, resolve_data, site_data
+from common.task import cached_bundle, partition_site_name, resolve_data, site_data
 from common.train import pick_device
 
 _CONFIGS: dict[str, Config] = {}
@@ -75,6 +76,7 @@ class Site:
     device: torch.device
     global_state: dict[str, np.ndarray]  # the global adapter, at this site's rank
     seed: int  # this site's shuffling and dropout in this round
+    name: str  # how per-site results name it: its natural site, `site-<i>` or node `site-name`
 
 
 def load_site(msg: Message, context: Context) -> Site:
@@ -92,13 +94,16 @@ def load_site(msg: Message, context: Context) -> Site:
     node = context.node_config
     if keys.DATA_PATH in node:  # a deployed site: its own manifest, all of it
         train, val = site_data(cfg, train_manifest=str(node[keys.DATA_PATH]))
+        name = str(node.get(keys.SITE_NAME, Path(str(node[keys.DATA_PATH])).stem))
     else:  # a simulated site: its partition of the shared manifest
+        partition_id = int(node[keys.PARTITION_ID])
         train, val = site_data(cfg, train_manifest=str(cfg.data.train),
-                               partition_id=int(node[keys.PARTITION_ID]))
+                               partition_id=partition_id)
+        name = partition_site_name(cfg, partition_id)
     server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
     seed = cfg.seed * 100_003 + server_round * 1_009 + site_number(context)
     device = pick_device(str(node.get(keys.DEVICE, cfg.device)))
-    return Site(cfg, server_round, bundle, train, val, device, global_state, seed)
+    return Site(cfg, server_round, bundle, train, val, device, global_state, seed, name)
 
 
 def ready_to_train(site: Site) -> float:

@@ -3,7 +3,8 @@
 A manifest is a CSV (`.csv`) or JSON Lines (`.jsonl`, or `.json` holding lines or one list)
 file with a `label` column (class name), one or more modality columns, `image` and `audio`
 (paths relative to the manifest's folder, or absolute; audio: wav/flac/ogg, anything
-libsndfile reads) and `text`, and optionally `site`; a column name may appear once.
+libsndfile reads) and `text`, and any other columns (e.g. `site`), kept as text (names
+starting with `_` are reserved and ignored); a column name may appear once.
 `load_manifest` checks every row and decodes every image and audio file in full (the verdict is
 cached per file version), skips and counts bad rows, names the first few in its warning, and
 returns a `datasets.Dataset` with absolute paths; `encode` turns it into tensors for training
@@ -249,6 +250,18 @@ def _check_path(value: Any, base: Path, modality: str) -> tuple[str | None, str]
     return str(path), ""
 
 
+def _extra_column(name: Any) -> bool:
+    """Whether a manifest column is kept as text: not a modality or the label, not reserved
+    (a leading `_`: fedmm's own columns), and a name Arrow can store (valid UTF-8)."""
+    if not isinstance(name, str) or name in (*MODALITIES, "label") or name.startswith("_"):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_row(row: dict[Any, Any], base: Path, modalities: Sequence[str]
                ) -> tuple[dict[str, str] | None, str]:
     """Return the cleaned row (files not yet decoded), or None and the reason it is unusable."""
@@ -268,8 +281,9 @@ def _check_row(row: dict[Any, Any], base: Path, modalities: Sequence[str]
         if reason:
             return None, reason
     out["label"] = str(label).strip()
-    if "site" in row:
-        out["site"] = "" if row["site"] is None else str(row["site"])
+    for key, value in row.items():  # every other column (a site column, metadata), as text
+        if key not in out and _extra_column(key):
+            out[key] = "" if value is None else str(value)
     try:
         "".join(out.values()).encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate, e.g. JSON "\ud800"
@@ -353,7 +367,8 @@ def load_manifest(path: str | Path, default_label: str | None = None,
     """Load a manifest, skipping and counting bad rows; raise ManifestError if none are usable.
 
     The modality columns used are those of `modalities` (default: image, text, audio) that the
-    manifest has; other columns are ignored. Every image and audio file is decoded in full, so
+    manifest has; other modality columns are ignored, every other column (`site`, any
+    metadata) is kept as text ("" where a JSON row lacks it). Every image and audio file is decoded in full, so
     what is kept will encode. `default_label` labels every row of a manifest that has no
     `label` column (predict); it is ignored when one exists.
     """
@@ -373,6 +388,7 @@ def load_manifest(path: str | Path, default_label: str | None = None,
         raise ManifestError(f"{path}: no modality column (needs one of {', '.join(wanted)}; "
                             f"has {', '.join(sorted(map(str, columns)))})")
     base = path.resolve().parent
+    extras = sorted(c for c in columns if _extra_column(c))
     skips: dict[str, list[str]] = {}  # reason -> where (and why, for files), in file order
     checked: list[tuple[str, dict[str, str]]] = []
     for where, row in raw:
@@ -380,8 +396,8 @@ def load_manifest(path: str | Path, default_label: str | None = None,
         if clean is None:
             skips.setdefault(reason, []).append(where)
         else:
-            if "site" in columns:
-                clean.setdefault("site", "")
+            for column in extras:  # a JSON row without it
+                clean.setdefault(column, "")
             checked.append((where, clean))
     files = [m for m in used if m != "text"]
     verdicts = {m: file_problems([c[m] for _, c in checked], m) for m in files}

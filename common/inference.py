@@ -21,11 +21,12 @@ from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from common.config import ConfigError, ModelConfig, build, from_json
+from common.config import Config, ConfigError, ModelConfig, build, from_json
 from common.data import ManifestError, encode, load_manifest
 from common.model import (LABELS_FILE, Bundle, build_backbone, load_adapter,
                           read_label_names)
-from common.task import input_encoding
+from common.site_metrics import evaluate_by_site, site_summary
+from common.task import holdout_split, input_encoding
 from common.train import evaluate, pick_device, predict
 
 CONFIG_FILE = "config.json"
@@ -34,12 +35,17 @@ MODEL_CONFIG_FILE = "fedmm-model.json"
 WEIGHTS_FILE = "adapter_model.safetensors"  # what PEFT's save_pretrained writes
 
 
-def model_config_for(adapter_dir: Path) -> ModelConfig:
-    """The model config a run's adapter was trained with (beside it, or in the run folder)."""
+def run_config_for(adapter_dir: Path) -> Config:
+    """The config of the run that trained an adapter (beside it, or in the run folder)."""
     for folder in (adapter_dir, adapter_dir.parent, adapter_dir.parent.parent):
         if (folder / CONFIG_FILE).is_file():
-            return from_json((folder / CONFIG_FILE).read_text(), check_files=False).model
+            return from_json((folder / CONFIG_FILE).read_text(), check_files=False)
     raise ConfigError(f"{adapter_dir}: no {CONFIG_FILE} in the adapter folder or its run folder")
+
+
+def model_config_for(adapter_dir: Path) -> ModelConfig:
+    """The model config a run's adapter was trained with."""
+    return run_config_for(adapter_dir).model
 
 
 def _model_config(path: Path) -> ModelConfig:
@@ -106,11 +112,27 @@ def predict_manifest(bundle: Bundle, manifest: str | Path, out_csv: str | Path,
     return len(ds)
 
 
-def evaluate_manifest(bundle: Bundle, manifest: str | Path, device: str = "auto") -> dict:
-    """Loss, accuracy and macro-F1 of the global model on a labelled manifest."""
+def evaluate_manifest(bundle: Bundle, manifest: str | Path, device: str = "auto",
+                      site_column: str = "site", held_out: tuple[int, float] | None = None
+                      ) -> dict:
+    """Loss, accuracy and macro-F1 of the global model on a labelled manifest.
+
+    With a `site_column` in the manifest, also each site's figures and their mean, worst site
+    and spread (common/site_metrics.py). `held_out=(seed, fraction)`: only the rows a deployed
+    site with this manifest held out in the run (common.task.holdout_split).
+    """
     ds, _ = load_manifest(manifest, modalities=bundle.cfg.modalities)
+    if held_out is not None:
+        ds = ds.select(holdout_split(len(ds), *held_out)[1])
+        if not len(ds):
+            raise ManifestError(f"{manifest}: holds no rows out (under 10 usable rows, or "
+                                f"partition.holdout_fraction=0 in the run)")
     data = encode(ds, bundle.label_names, input_encoding(bundle.cfg), source=manifest)
-    return evaluate(bundle, data, device=pick_device(device))
+    result = evaluate(bundle, data, device=pick_device(device))
+    if site_column in ds.column_names:
+        sites = evaluate_by_site(bundle, data, list(ds[site_column]), pick_device(device))
+        result.update(sites=sites, **site_summary(sites))
+    return result
 
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:

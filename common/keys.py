@@ -9,6 +9,7 @@ DEVICE = "device"                  # deployment: cpu / cuda / auto
 SITE_NAME = "site-name"            # deployment: seeds this site's shuffling and dropout
 LORA_RANK = "lora-rank"            # deployment: this site's LoRA rank
 TRAINER_SOCKET = "trainer-socket"  # deployment: this site's warm trainer (client/warm.py)
+PERSONAL_DIR = "personal-dir"      # deployment: where the site keeps its personal adapters
 
 # Records inside a Message
 ARRAYS = "arrays"                  # Flower's default ArrayRecord key: the adapter_state
@@ -30,6 +31,10 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"    # wall seconds of the site's local training this round
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+EVAL_MACRO_F1 = "eval-macro-f1"
+SITE = "site"                      # evaluate reply: ConfigRecord naming the site (SITE_NAME)
+PERSONAL_ACCURACY = "personal-accuracy"  # final evaluate reply: the site's personal model
+PERSONAL_MACRO_F1 = "personal-macro-f1"
 SITE_STARTUP = "site-startup-s"    # seconds from the message's process start to the first step
 
 # Privacy (common/privacy.py, server/privacy.py, client/privacy.py)

@@ -3,21 +3,24 @@
 The same data, config and seed always give the same assignment, so every simulated site (in
 whatever worker process) computes its own partition independently and identically. Kinds:
 `iid`, `dirichlet` (label skew), `pathological` (each site holds `classes_per_client` labels),
-`quantity` (power-law site sizes, IID labels) and `natural` (one site per value of a column,
-seed-free). A site below `min_partition_size` is refused or, with `on_small=rebalance`, topped
-up with seeded rows from the largest sites.
+`quantity` (power-law site sizes, IID labels) and `natural` (one site per value of any manifest
+column, seed-free; their count sets `num_clients`). A site below `min_partition_size` is
+refused or, with `on_small=rebalance` (synthetic splits), topped up with seeded rows from the
+largest sites; small natural sites are merged into one `other` site (`on_small=merge`) or
+dropped (`on_small=drop`), as the partition report shows.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
-    NaturalIdPartitioner,
     PathologicalPartitioner,
     Partitioner,
     SizePartitioner,
@@ -25,6 +28,7 @@ from flwr_datasets.partitioner import (
 
 from common.config import ConfigError, PartitionConfig
 
+OTHER = "other"           # natural, on_small=merge: the site the small sites' rows join
 ROW_ID = "_row_id"        # original row index, carried through every partitioner
 LABEL_KEY = "_label_key"  # pathological: a seeded rank per label, so class assignment is seeded
 SHUFFLED = ("iid", "pathological", "quantity")  # rows shuffled with the seed before splitting
@@ -60,36 +64,74 @@ def make_partitioner(cfg: PartitionConfig, seed: int, num_rows: int) -> Partitio
                                        seed=seed)
     if cfg.name == "quantity":
         return SizePartitioner(power_law_sizes(num_rows, cfg.num_clients, cfg.power))
-    if cfg.name == "natural":
-        return NaturalIdPartitioner(partition_by=cfg.column)
     min_size = cfg.min_partition_size if cfg.on_small == "refuse" else 0
     return DirichletPartitioner(num_partitions=cfg.num_clients, partition_by="label",
                                 alpha=cfg.alpha, min_partition_size=min_size,
                                 self_balancing=False, shuffle=True, seed=seed)
 
 
-def natural_ids(ds: datasets.Dataset, cfg: PartitionConfig) -> list[str]:
-    """Return the sorted distinct values of `cfg.column`, one per site."""
+@dataclass(frozen=True)
+class NaturalSites:
+    """A natural split: the sites, each column value's site, and what on_small did."""
+
+    names: tuple[str, ...]             # the sites, sorted; their count is num_clients
+    site_of: dict[str, str | None]     # column value -> its site (None: its rows are dropped)
+    merged: tuple[str, ...] = ()       # values below min_partition_size merged into OTHER
+    dropped: tuple[str, ...] = ()      # values below min_partition_size dropped
+    dropped_rows: int = 0
+
+    def report(self) -> dict:
+        """What the partition report shows about small sites."""
+        return {"merged_into": OTHER if self.merged else None, "merged": list(self.merged),
+                "dropped": list(self.dropped), "dropped_rows": self.dropped_rows}
+
+
+def natural_sites(ds: datasets.Dataset, cfg: PartitionConfig) -> NaturalSites:
+    """Group rows by `cfg.column`: one site per value, small ones merged/dropped per on_small."""
     if cfg.column not in ds.column_names:
         raise ConfigError(f"partition.column={cfg.column!r} is not a column of the training "
-                          f"data (columns: {ds.column_names})")
-    values = ds.unique(cfg.column)
-    if any(v is None or v == "" for v in values):
-        raise ConfigError(f"partition.column={cfg.column!r} has empty values; every row needs "
-                          f"a site")
-    values = sorted(values)
-    if len(values) != cfg.num_clients:
-        listed = f": {[str(v) for v in values]}" if len(values) <= 10 else ""
-        raise ConfigError(f"partition.num_clients={cfg.num_clients} must equal the "
-                          f"{len(values)} distinct values of column {cfg.column!r}{listed}")
-    return [str(v) for v in values]
+                          f"data (columns: {sorted(c for c in ds.column_names if c != ROW_ID)})")
+    counts = Counter(str(v) if v is not None else "" for v in ds[cfg.column][:])
+    if "" in counts:
+        raise ConfigError(f"partition.column={cfg.column!r} has {counts['']} empty values; "
+                          f"every row needs a site")
+    target = max(cfg.min_partition_size, 1)
+    small = sorted(v for v, n in counts.items() if n < target)
+    site_of: dict[str, str | None] = {v: v for v in counts}
+    if small and cfg.on_small not in ("merge", "drop"):
+        raise ConfigError(f"partition.min_partition_size={cfg.min_partition_size} not met by "
+                          f"{len(small)} natural sites {small[:5]}; set partition.on_small="
+                          f"merge (one {OTHER!r} site) or drop, or lower the minimum")
+    merged, dropped = (tuple(small), ()) if cfg.on_small == "merge" else ((), tuple(small))
+    for v in small:
+        site_of[v] = OTHER if merged else None
+    if merged and (n := sum(counts[v] for v, s in site_of.items() if s == OTHER)) < target:
+        raise ConfigError(f"partition.min_partition_size={cfg.min_partition_size} not met by "
+                          f"the {OTHER!r} site merged from {len(merged)} small sites ({n} rows); "
+                          f"set partition.on_small=drop or lower the minimum")
+    names = tuple(sorted({s for s in site_of.values() if s is not None}))
+    if not names:
+        raise ConfigError(f"partition.min_partition_size={cfg.min_partition_size} not met by "
+                          f"any of the {len(counts)} values of column {cfg.column!r}")
+    return NaturalSites(names, site_of, merged, dropped, sum(counts[v] for v in dropped))
 
 
 def site_names(ds: datasets.Dataset, cfg: PartitionConfig) -> list[str]:
     """Return each partition's site name: its column value for natural, else `site-<i>`."""
     if cfg.name == "natural":
-        return natural_ids(ds, cfg)
+        return list(natural_sites(ds, cfg).names)
     return [f"site-{i}" for i in range(cfg.num_clients)]
+
+
+def _natural_parts(ds: datasets.Dataset, cfg: PartitionConfig) -> list[list[int]]:
+    """Each natural site's row indices (rows of dropped values on no site)."""
+    plan = natural_sites(ds, cfg)
+    slot = {name: i for i, name in enumerate(plan.names)}
+    parts: list[list[int]] = [[] for _ in plan.names]
+    for i, v in enumerate(ds[cfg.column][:]):
+        if (site := plan.site_of[str(v)]) is not None:
+            parts[slot[site]].append(i)
+    return parts
 
 
 def _check_pathological(ds: datasets.Dataset, cfg: PartitionConfig) -> None:
@@ -146,12 +188,11 @@ def _enforce_min_size(parts: list[list[int]], ds: datasets.Dataset, cfg: Partiti
     small = [i for i, p in enumerate(parts) if len(p) < target]
     if not small:
         return parts
-    if cfg.on_small == "refuse" or cfg.name == "natural":
+    if cfg.on_small != "rebalance":
         names = site_names(ds, cfg)
-        hint = ("natural sites are never rebalanced" if cfg.name == "natural"
-                else "use fewer clients, more data or partition.on_small=rebalance")
         raise ConfigError(f"partition.min_partition_size={cfg.min_partition_size} not met by "
-                          f"sites {[names[i] for i in small[:5]]}; {hint}")
+                          f"sites {[names[i] for i in small[:5]]}; use fewer clients, more data "
+                          f"or partition.on_small=rebalance")
     total = sum(len(p) for p in parts)
     if total < cfg.num_clients * target:
         raise ConfigError(f"partition.min_partition_size={cfg.min_partition_size} cannot be "
@@ -162,11 +203,11 @@ def _enforce_min_size(parts: list[list[int]], ds: datasets.Dataset, cfg: Partiti
 
 def partition_indices(ds: datasets.Dataset, cfg: PartitionConfig, seed: int) -> list[list[int]]:
     """Return, for each site, the row indices of `ds` it holds."""
+    if cfg.name == "natural":  # num_clients follows the column (common/task.py sets it)
+        return _natural_parts(ds, cfg)
     if len(ds) < cfg.num_clients:
         raise ConfigError(f"partition.num_clients must be <= the {len(ds)} training samples "
                           f"(got {cfg.num_clients})")
-    if cfg.name == "natural":
-        natural_ids(ds, cfg)
     if cfg.name == "pathological":
         _check_pathological(ds, cfg)
     partitioner = make_partitioner(cfg, seed, len(ds))

@@ -88,6 +88,34 @@ RULES: tuple[Rule, ...] = (
          when=lambda c: c.data.source == "demo"),
     Rule("data.demo_test", lambda c: c.data.demo_test > 0, "> 0 with data.source=demo",
          when=lambda c: c.data.source == "demo"),
+    Rule("partition.on_small", lambda c: c.partition.on_small in ("refuse", "rebalance"),
+         lambda c: f"refuse or rebalance with partition={c.partition.name} (merge and drop "
+                   "group the sites of partition=natural)",
+         when=lambda c: c.partition.name != "natural"),
+    Rule("partition.on_small", lambda c: c.partition.on_small != "rebalance",
+         "refuse, merge or drop with partition=natural (a natural site's rows stay its own)",
+         when=lambda c: c.partition.name == "natural"),
+    # personalization (client/personal.py)
+    Rule("personalization.name", lambda c: c.personalization.name == "none",
+         "none with privacy.secagg=true (comparing personal and global adapters per site is a "
+         "federated evaluation, refused under SecAgg+)", when=_secagg),
+    Rule("strategy.fraction_evaluate", lambda c: c.strategy.fraction_evaluate == 1,
+         lambda c: f"1.0 with personalization={c.personalization.name} (every site compares "
+                   "its personal adapter with the global one in the last round's evaluation)",
+         when=lambda c: c.personalization.name != "none" and not c.privacy.secagg),
+    Rule("personalization.name", lambda c: c.personalization.name != "ditto",
+         "none or finetune with privacy.dp=local (Ditto's personal steps are not wired "
+         "through the Opacus-wrapped DP-SGD model here)", when=_local_dp),
+    Rule("personalization.name", lambda c: c.privacy.dp == "none",
+         lambda c: f"none, finetune or ditto with privacy.dp={c.privacy.dp} (FedSA-LoRA's "
+                   "partial uploads are not wired through the DP clipping here)",
+         when=lambda c: c.personalization.name == "fedsa"),
+    Rule("strategy.lora_aggregation", lambda c: c.strategy.lora_aggregation == "naive",
+         "naive with personalization=fedsa (ffa would share no LoRA factor; exact needs each "
+         "site's B to fold B·A)", when=lambda c: c.personalization.name == "fedsa"),
+    Rule("simulation.site_ranks", lambda c: not set(c.simulation.site_ranks) - {c.model.lora.r},
+         "[] with personalization=fedsa (FlexLoRA refactors the dense B·A, B stays at the sites)",
+         when=lambda c: c.personalization.name == "fedsa"),
     # sampling and local training
     Rule("strategy.min_train_nodes", lambda c: c.strategy.min_train_nodes <= c.partition.num_clients,
          lambda c: f"in [1, partition.num_clients={c.partition.num_clients}]"),

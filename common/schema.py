@@ -107,7 +107,11 @@ class PartitionConfig:
     classes_per_client: int = spec(ge=1)   # pathological: labels each site holds
     power: float = spec(ge=0)              # quantity: site sizes proportional to (i + 1) ** -power
     column: str                            # natural: one site per distinct value of this column
-    on_small: str = spec(one_of=("refuse", "rebalance"))  # a site below min_partition_size
+    holdout_fraction: float = spec(ge=0, lt=1)  # of each site's rows, held out (seeded) for
+                                                # per-site evaluation, never trained on
+    # a site below min_partition_size: refuse; rebalance (synthetic splits); merge into one
+    # `other` site or drop its rows (natural splits)
+    on_small: str = spec(one_of=("refuse", "rebalance", "merge", "drop"))
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,19 @@ class PrivacyConfig:
     clipped_count_stddev: float = spec(ge=0)  # 0: Flower's default, num_sampled / 20
 
 
+PERSONALIZATIONS = ("none", "finetune", "ditto", "fedsa")  # client/personal.py
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    """What each site builds for itself (client/personal.py); saved at the site, never sent."""
+
+    name: str = spec(one_of=PERSONALIZATIONS)
+    epochs: int = spec(gt=0)     # finetune: local epochs on the head and LoRA B after the last round
+    lr: float = spec(gt=0)       # finetune and ditto: the personal model's learning rate
+    ditto_lambda: float = spec(ge=0)  # ditto: lambda/2 * ||v - w_global||^2 pulls v to the global
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig
@@ -214,6 +231,7 @@ class Config:
     strategy: StrategyConfig
     simulation: SimulationConfig
     privacy: PrivacyConfig
+    personalization: PersonalizationConfig
     seed: int
     device: str = spec(one_of=("auto", "cpu", "cuda"))
     output_dir: str

@@ -84,6 +84,13 @@ LORA_MODES: dict[str, LoraModeTraits] = {
 LORA_AGGREGATIONS = tuple(LORA_MODES)
 
 
+def site_only(lora_aggregation: str, personalization: str = "none") -> tuple[str, ...]:
+    """Key fragments of the LoRA factors sites never upload: A under ffa (frozen from the
+    shared seed), B under FedSA-LoRA (`personalization=fedsa`: each site's own)."""
+    return ((() if LORA_MODES[lora_aggregation].uploads_a else (".lora_A.",))
+            + ((".lora_B.",) if personalization == "fedsa" else ()))
+
+
 def traits(name: str) -> StrategyTraits:
     """The traits of strategy `name` (validated config names only)."""
     return STRATEGY_TRAITS[name]

@@ -23,17 +23,15 @@ from common.data import (Encoded, Encoding, encode, label_names, load_manifest,
                          manifest_columns)
 from common.demo_data import generate
 from common.model import Bundle, build_model
-from common.partition import partition_indices
+from common.partition import natural_sites, partition_indices, site_names
 from common.rules import check_rules
 from common.schema import MODALITIES, Config, ConfigError, ModelConfig, PartitionConfig, SkewConfig
 from common.skews import apply_skews
 
-VALIDATION_FRACTION = 0.1  # of each site's data, held out for federated evaluation
-
-
 def resolve_data(cfg: Config) -> Config:
-    """`cfg` with absolute manifest paths, the label set and the model's modalities filled in
-    (demo data generated); a modality asked for but not in the training manifest is refused."""
+    """`cfg` with absolute manifest paths, the label set, the model's modalities and a natural
+    split's site count filled in (demo data generated); a modality asked for but not in the
+    training manifest is refused."""
     d = cfg.data
     if d.source == "demo" and not d.train:
         train, test = generate(Path(d.demo_dir).resolve(), d.demo_train, d.demo_test, d.seed,
@@ -47,9 +45,13 @@ def resolve_data(cfg: Config) -> Config:
                           f"modality columns {list(columns)} (got {list(modalities)}; {train} "
                           f"has no column {', '.join(map(repr, missing))})")
     modalities = tuple(m for m in MODALITIES if m in modalities)
-    labels = d.labels or tuple(label_names(_manifest(str(train), modalities)))
+    rows = _manifest(str(train), modalities)
+    labels = d.labels or tuple(label_names(rows))
+    partition = cfg.partition
+    if partition.name == "natural":  # one site per (kept) value of the column
+        partition = replace(partition, num_clients=len(natural_sites(rows, partition).names))
     resolved = replace(cfg, data=replace(d, train=str(train), test=str(test), labels=labels),
-                       model=replace(cfg.model, modalities=modalities))
+                       model=replace(cfg.model, modalities=modalities), partition=partition)
     check_rules(resolved, check_files=False)  # the rules that need the modalities known
     return resolved
 
@@ -87,17 +89,17 @@ def _partitions(path: str, modalities: tuple[str, ...], partition: PartitionConf
     return partition_indices(_manifest(path, modalities), partition, seed)
 
 
-def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic train/validation split of `range(n)`."""
+def holdout_split(n: int, seed: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Deterministic train/held-out split of `range(n)` (sites under 10 rows hold none out)."""
     order = np.random.default_rng(seed).permutation(n).tolist()
-    n_val = int(round(n * VALIDATION_FRACTION)) if n >= 10 else 0
+    n_val = int(round(n * fraction)) if n >= 10 else 0
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
 @lru_cache(maxsize=16)
 def _site_data(path: str, rows: tuple[int, ...] | None, names: tuple[str, ...],
                encoding: Encoding, seed: int, skew: SkewConfig | None, site: int,
-               num_sites: int) -> tuple[Encoded, Encoded, dict]:
+               num_sites: int, holdout: float) -> tuple[Encoded, Encoded, dict]:
     ds = _manifest(path, encoding.modalities)
     if rows is not None:
         ds = ds.select(rows)
@@ -105,8 +107,19 @@ def _site_data(path: str, rows: tuple[int, ...] | None, names: tuple[str, ...],
     stats: dict = {}
     if skew is not None:  # simulated heterogeneity of this site's data (train and validation)
         encoded, stats = apply_skews(encoded, skew, site, num_sites, seed, num_classes=len(names))
-    train_idx, val_idx = _split(len(encoded), seed)
+    train_idx, val_idx = holdout_split(len(encoded), seed, holdout)
     return encoded.subset(train_idx), encoded.subset(val_idx), stats
+
+
+def partition_site_name(cfg: Config, partition_id: int) -> str:
+    """A simulated site's name: its natural column value, else `site-<i>`."""
+    return _site_names(str(cfg.data.train), tuple(cfg.model.modalities), cfg.partition)[partition_id]
+
+
+@lru_cache(maxsize=4)
+def _site_names(path: str, modalities: tuple[str, ...], partition: PartitionConfig
+                ) -> tuple[str, ...]:
+    return tuple(site_names(_manifest(path, modalities), partition))
 
 
 def has_skew(cfg: Config) -> bool:
@@ -136,7 +149,7 @@ def input_encoding(cfg: ModelConfig) -> Encoding:
 
 def site_data(cfg: Config, *, train_manifest: str | Path, partition_id: int | None = None,
               with_stats: bool = False):
-    """A site's (train, validation) data: partition `partition_id` of the manifest, or all of it.
+    """A site's (train, held-out) data: partition `partition_id` of the manifest, or all of it.
 
     Simulated sites also get the configured multimodal skews; `with_stats` adds their realised
     statistics as a third element. Each site's files are decoded once per process.
@@ -148,7 +161,7 @@ def site_data(cfg: Config, *, train_manifest: str | Path, partition_id: int | No
         skew = cfg.skew if has_skew(cfg) else None
     train, val, stats = _site_data(
         str(train_manifest), rows, tuple(cfg.data.labels), input_encoding(cfg.model), cfg.seed,
-        skew, partition_id or 0, cfg.partition.num_clients)
+        skew, partition_id or 0, cfg.partition.num_clients, cfg.partition.holdout_fraction)
     return (train, val, stats) if with_stats else (train, val)
 
 

@@ -130,16 +130,23 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, train: TrainConfig) -> t
 
 
 def train_local(bundle: Bundle, data: Encoded, train: TrainConfig, *, seed: int = 0,
-                device: torch.device | None = None, cache: bool = True) -> dict[str, float]:
+                device: torch.device | None = None, cache: bool = True,
+                anchor: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Train the trainable tensors for `train.epochs` on `data`; return mean loss and counts.
 
     `cache`: run the towers' frozen stems once per row (common/stems.py), not every step.
+    `anchor`: what `train.proximal_mu` pulls the trainable tensors to (in their order; default
+    their values at the start; Ditto passes the global ones).
     """
     device = device or pick_device()
     stems = cached_stems(bundle, data, device) if cache else None
     model = bundle.model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if train.proximal_mu > 0 else []
+    if train.proximal_mu == 0:
+        anchor = []
+    else:
+        anchor = [a.to(device) for a in anchor] if anchor is not None else [
+            p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws from the global RNG: same seed, same run

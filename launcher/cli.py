@@ -7,7 +7,8 @@
     fedmm train    --superlink fl.example.org:9093 --ca certs/ca.crt [hydra overrides]
     fedmm train    --superlink ... --ca ... --resume runs/RUN   # after a crash
     fedmm predict  --adapter runs/RUN/adapter --data /data/new.csv --out preds.csv
-    fedmm evaluate --adapter runs/RUN/adapter --data /data/test.csv
+    fedmm evaluate --adapter runs/RUN/adapter --data /data/test.csv [--site-column site]
+    fedmm evaluate --adapter runs/RUN/adapter --data /data/train.csv --held-out  # a site's own
     fedmm export   --adapter runs/RUN/adapter --merge --out served/
 
 Every command prints one line and exits non-zero on a user error (no traceback).
@@ -149,10 +150,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate the global adapter on a labelled manifest."""
-    from common.inference import evaluate_manifest, load_for_inference
+    from common.inference import evaluate_manifest, load_for_inference, run_config_for
 
     check_inference(args)
-    result = evaluate_manifest(load_for_inference(args.adapter), args.data, args.device)
+    held_out = None
+    if args.held_out:  # the rows this site held out in the run, as the run split them
+        cfg = run_config_for(Path(args.adapter))
+        held_out = (cfg.seed, cfg.partition.holdout_fraction)
+    result = evaluate_manifest(load_for_inference(args.adapter), args.data, args.device,
+                               site_column=args.site_column, held_out=held_out)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
         Path(args.out).write_text(text)
@@ -218,6 +224,11 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--data", required=True)
         q.add_argument("--out", required=name == "predict")
         q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        if name == "evaluate":
+            q.add_argument("--site-column", default="site",
+                           help="report each site of this manifest column (default: site)")
+            q.add_argument("--held-out", action="store_true",
+                           help="only the rows this site held out in the run (deployed site)")
     e = sub.add_parser("export", help="merge the adapter into the backbone for serving")
     e.add_argument("--adapter", required=True)
     e.add_argument("--merge", action="store_true")

@@ -7,6 +7,8 @@
                              + server_state.safetensors (optimizer moments, residuals, ranks)
                              + checkpoint.json (round, RNG states): what `resume=true` reads
       adapter/               the final global adapter (same format)
+      per_site.png           per-site held-out accuracy (with federated evaluation;
+                             server/site_report.py)
       summary.json           the run's one machine-readable result; `status` is `failed`
                              (with `failure`, one line) when fewer than
                              strategy.min_completed_rounds rounds aggregated an update
@@ -34,6 +36,7 @@ from common.train import evaluate
 from server.checkpoint import last_checkpoint, save_strategy_state, write_meta
 from server.privacy import privacy_metrics
 from server.strategy import RoundStats, ScreenedStrategy, StrategyState
+from server.site_report import PLOT, plot_sites, site_columns, site_outcome
 from server.tracking import Trackers
 
 log = logging.getLogger("fedmm.server")
@@ -112,7 +115,8 @@ class RunRecorder:
                "elapsed_s": round(time.monotonic() - self.started, 2),
                "aggregated": stats.aggregated, "reasons": stats.reasons,
                **stats.timings(), "evaluate_s": evaluate_s,
-               **privacy_metrics(self.cfg, self.strategy.state.dp_releases, stats)}
+               **privacy_metrics(self.cfg, self.strategy.state.dp_releases, stats),
+               **site_columns(self.cfg, stats.sites)}
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -167,7 +171,9 @@ class RunRecorder:
             "privacy": asdict(self.cfg.privacy),
             **{k: last[k] for k in ("epsilon", "delta") if k in last},
             **outcome(trained, self.cfg.strategy),
+            **site_outcome(self.cfg, self.rows),
         }
+        plot_sites(self.run_dir / PLOT, self.rows)
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.trackers.finish(summary, self.run_dir / "summary.json")
         return summary
@@ -225,7 +231,14 @@ def progress_line(row: dict, rounds: int) -> str:
     return (f"[fedmm] round {row['round']:>3}/{rounds} | clients {row['replied']}/"
             f"{row['sampled']} (rejected {row['rejected']}) | train loss {loss} | "
             f"test acc {row['test_accuracy']:.3f} f1 {row['test_macro_f1']:.3f} | "
-            f"{row['elapsed_s']:.1f}s{_untrained_note(row)}")
+            f"{_sites_note(row)}{row['elapsed_s']:.1f}s{_untrained_note(row)}")
+
+
+def _sites_note(row: dict) -> str:
+    if not row.get("sites"):
+        return ""
+    return (f"sites acc mean {row['site_accuracy_mean']:.3f} worst "
+            f"{row['site_accuracy_worst']:.3f} ({row['site_accuracy_worst_site']}) | ")
 
 
 def _untrained_note(row: dict) -> str:

@@ -42,7 +42,7 @@ from common.lora_math import (aggregate_exact, aggregate_heterogeneous, aggregat
                               reweight_towers, update_norm)
 from common.rules import value_at
 from common.schema import CENTRAL_DP, Config, StrategyConfig
-from common.strategies import LORA_MODES, traits
+from common.strategies import LORA_MODES, site_only, traits
 from server.flower_state import (aggregate_train_metrics, read_optimizer_state,
                                  write_optimizer_state)
 
@@ -63,6 +63,7 @@ class RoundStats:
     aggregated: bool = False  # the round produced a new global adapter
     site_startups: list[float] = field(default_factory=list)  # message start to first step
     aggregate_s: float = float("nan")  # screening + aggregation at the server
+    sites: dict[str, dict] = field(default_factory=dict)  # federated evaluation, per site
 
     def timings(self) -> dict[str, float]:
         """Start-up and aggregation columns for metrics.jsonl (NaN where nothing was measured)."""
@@ -150,15 +151,19 @@ class ScreenedStrategy(Strategy):
     """Screen, count and log replies, then aggregate with the inner Flower strategy (LoRA-aware)."""
 
     def __init__(self, inner: Strategy, cfg: StrategyConfig, initial: ArrayRecord,
-                 lora_alpha: float, central_dp: bool = False):
+                 lora_alpha: float, central_dp: bool = False,
+                 site_factors: tuple[str, ...] | None = None):
         self.inner, self.cfg, self.central_dp = inner, cfg, central_dp
         self.traits, self.lora_mode = traits(cfg.name), LORA_MODES[cfg.lora_aggregation]
+        # LoRA factors that stay at the sites (ffa: A; fedsa: B): the global ones are kept
+        self.site_factors = site_only(cfg.lora_aggregation) if site_factors is None else site_factors
         self.reference = {k: tuple(v.shape) for k, v in initial.items()}
         self.global_state = _numpy(initial)
         a_key = next((k for k in self.reference if ".lora_A." in k), None)
         self.lora_rank = self.reference[a_key][0] if a_key else 1
         self.lora_alpha = lora_alpha
-        self.rank_flexible = self.traits.linear and cfg.lora_aggregation == "naive"
+        self.rank_flexible = (self.traits.linear and cfg.lora_aggregation == "naive"
+                              and not self.site_factors)  # (fedsa: no B to refactor with)
         self.modality_weighting = cfg.modality_weighting and self.traits.linear and not central_dp
         self.state = StrategyState()
         self.round_stats: dict[int, RoundStats] = {}
@@ -216,12 +221,18 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+        """Keep each site's figures on its held-out share; Flower averages them as usual."""
+        server_round += self.round_offset
+        replies = list(replies)
+        stats = self.round_stats.setdefault(server_round, RoundStats())
+        stats.sites = site_results(replies)
+        return self.inner.aggregate_evaluate(server_round, replies)
 
     def expected_keys(self) -> dict[str, tuple[int, ...]]:
-        """Keys and shapes a site uploads (ffa sites keep A to themselves)."""
-        if not self.lora_mode.uploads_a:
-            return {k: s for k, s in self.reference.items() if ".lora_A." not in k}
+        """Keys and shapes a site uploads (ffa sites keep A to themselves, fedsa sites B)."""
+        if self.site_factors:
+            return {k: s for k, s in self.reference.items()
+                    if not any(f in k for f in self.site_factors)}
         return self.reference
 
     def arrays_for_rank(self, rank: int) -> dict[str, np.ndarray]:
@@ -234,7 +245,7 @@ class ScreenedStrategy(Strategy):
         return state
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Drop and count replies unfit to aggregate; re-insert frozen A in ffa mode."""
+        """Drop and count replies unfit to aggregate; re-insert factors kept at the sites."""
         stats = self.round_stats.setdefault(server_round, RoundStats())
         expected, kept, replies = self.expected_keys(), [], list(replies)
         # the node each reply answers for: the SuperLink itself answers for a lost node
@@ -262,7 +273,7 @@ class ScreenedStrategy(Strategy):
                 continue
             stats.bytes_uploaded += uploaded
             self.state.node_ranks[msg.metadata.src_node_id] = self._rank(msg)
-            if not self.lora_mode.uploads_a and not self.own_mean:  # (the mean sets A last)
+            if self.site_factors and not self.own_mean:  # (the mean sets them last)
                 record, state = msg.content[keys.ARRAYS], self.arrays(msg)
                 for k in self.reference.keys() - record.keys():
                     record[k] = Array(self.global_state[k])
@@ -336,7 +347,7 @@ class ScreenedStrategy(Strategy):
                 arrays = self.weight_towers_by_modality(arrays, kept)
             if arrays is not None and self.central_dp:
                 self.state.dp_releases += 1
-        if arrays is not None and not self.lora_mode.uploads_a:  # A stays frozen, bit for bit
+        if arrays is not None and self.site_factors:  # the global ones stay, bit for bit
             for k in self.reference.keys() - self.expected_keys().keys():
                 arrays[k] = Array(self.global_state[k])
         if metrics is not None and keys.TRAIN_LOSS in metrics:
@@ -393,6 +404,25 @@ class ScreenedStrategy(Strategy):
         for prefix, r in residual.items():
             self.state.residuals[prefix] = self.state.residuals.get(prefix, 0) + r
         return _record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
+
+
+SITE_FIELDS = {keys.EVAL_ACCURACY: "accuracy", keys.EVAL_MACRO_F1: "macro_f1",
+               keys.EVAL_LOSS: "loss", keys.NUM_EXAMPLES: "num_examples",
+               keys.PERSONAL_ACCURACY: "personal_accuracy",
+               keys.PERSONAL_MACRO_F1: "personal_macro_f1"}  # evaluate reply -> metrics.jsonl
+
+
+def site_results(replies: list[Message]) -> dict[str, dict]:
+    """Each replying site's evaluation figures, by the name its reply gives."""
+    out = {}
+    for msg in replies:
+        if msg.has_error() or keys.SITE not in msg.content.config_records:
+            continue
+        metrics = msg.content[keys.METRICS]
+        name = str(msg.content[keys.SITE][keys.SITE_NAME])
+        out[name] = {f: int(metrics[k]) if f == "num_examples" else float(metrics[k])
+                     for k, f in SITE_FIELDS.items() if k in metrics}
+    return dict(sorted(out.items()))
 
 
 def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
@@ -508,4 +538,6 @@ def make_strategy(cfg: Config, initial: ArrayRecord,
     """
     inner = wrap(flower_class(cfg.strategy.name)(**strategy_args(cfg)))
     return ScreenedStrategy(inner, cfg.strategy, initial, cfg.model.lora.alpha,
-                            central_dp=cfg.privacy.dp in CENTRAL_DP)
+                            central_dp=cfg.privacy.dp in CENTRAL_DP,
+                            site_factors=site_only(cfg.strategy.lora_aggregation,
+                                                   cfg.personalization.name))

@@ -37,7 +37,8 @@ def partition_records(label_names: list[str], counts: list[dict[str, int]], size
     return records
 
 
-def _plot(path: Path, label_names: list[str], records: list[dict]) -> None:
+def _plot(path: Path, label_names: list[str], records: list[dict],
+          small_sites: dict | None = None) -> None:
     """Draw the label-count heatmap and the site-size bars into `path`."""
     n_sites, n_labels = len(records), len(label_names)
     matrix = np.array([[r["label_counts"][lab] for r in records] for lab in label_names])
@@ -56,19 +57,30 @@ def _plot(path: Path, label_names: list[str], records: list[dict]) -> None:
     bars.bar(range(n_sites), [r["size"] for r in records], color="tab:gray")
     bars.set_xticks(range(n_sites), [r["name"] for r in records], rotation=45, ha="right")
     bars.set_ylabel("site size")
-    fig.suptitle(f"Label counts per site ({n_sites} sites)")
+    note = ""
+    if small_sites and (small_sites["merged"] or small_sites["dropped"]):
+        note = (f"; {len(small_sites['merged'])} small sites merged into "
+                f"{small_sites['merged_into']!r}, {len(small_sites['dropped'])} dropped "
+                f"({small_sites['dropped_rows']} rows)")
+    fig.suptitle(f"Label counts per site ({n_sites} sites{note})")
     fig.savefig(path, dpi=100)
 
 
 def write_partition_report(out_dir: Path, label_names: list[str], counts: list[dict[str, int]],
                            sizes: list[int], modality: list[dict] | None = None,
-                           site_names: list[str] | None = None) -> tuple[Path, Path]:
-    """Write `partition.json` and `partition.png` into `out_dir`; return their paths."""
+                           site_names: list[str] | None = None, small_sites: dict | None = None
+                           ) -> tuple[Path, Path]:
+    """Write `partition.json` and `partition.png` into `out_dir`; return their paths.
+
+    `small_sites`: a natural split's merged and dropped sites (common.partition.NaturalSites).
+    """
     records = partition_records(label_names, counts, sizes, modality, site_names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "partition.json", out_dir / "partition.png"
     report = {"num_sites": len(records), "labels": list(label_names), "sites": records}
+    if small_sites is not None:
+        report["small_sites"] = small_sites
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    _plot(png_path, label_names, records)
+    _plot(png_path, label_names, records, small_sites)
     return json_path, png_path

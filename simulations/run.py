@@ -28,7 +28,7 @@ from common import keys
 from common.config import CONF_DIR, Config, ConfigError, to_json, validate
 from common.data import ManifestError, load_manifest
 from common.files import write_json_atomic
-from common.partition import label_counts, partition_indices, site_names
+from common.partition import OTHER, label_counts, natural_sites, partition_indices, site_names
 from common.task import has_skew, site_data
 from launcher.outcome import run_summary
 from launcher.prepare import prepare as prepare_run
@@ -46,9 +46,17 @@ def prepare(cfg: Config) -> Config:
     train_ds, _ = load_manifest(cfg.data.train, modalities=cfg.model.modalities)
     parts = partition_indices(train_ds, cfg.partition, cfg.seed)
     names = list(cfg.data.labels)
+    small = None
+    if cfg.partition.name == "natural":
+        plan = natural_sites(train_ds, cfg.partition)
+        small = plan.report()
+        print(f"fedmm: natural split by column {cfg.partition.column!r}: {len(plan.site_of)} "
+              f"values -> {len(plan.names)} sites ({len(plan.merged)} merged into "
+              f"{OTHER!r}, {len(plan.dropped)} dropped with {plan.dropped_rows} rows)",
+              flush=True)
     write_partition_report(Path(cfg.output_dir), names, label_counts(train_ds, parts, names),
                            [len(p) for p in parts], modality=site_skews(cfg, names),
-                           site_names=site_names(train_ds, cfg.partition))
+                           site_names=site_names(train_ds, cfg.partition), small_sites=small)
     return cfg
 
 

@@ -224,3 +224,21 @@ def test_strategy_state_round_trips_through_a_checkpoint(name, overrides, settin
     c, _ = fresh.aggregate_train(2, [_reply(s, 10) for s in round2])
     if name != "fedavg":  # without the moments the next step differs: the state matters
         assert any(not np.array_equal(a[k].numpy(), c[k].numpy()) for k in SHAPES)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedmedian"])
+def test_fedsa_accepts_replies_without_b_and_keeps_the_global_b(name, setting):
+    """FedSA-LoRA: sites keep B; A and the head aggregate as usual (here vs np.average)."""
+    rng, global_state = setting
+    cfg = _cfg(name, overrides=("personalization=fedsa",))
+    strategy = make_strategy(cfg, _record(global_state))
+    _start(strategy, global_state)
+    states = [{k: v for k, v in s.items() if k != B} for s in _states(rng, 3, global_state)]
+    weights = [5, 10, 20]
+    arrays, _ = strategy.aggregate_train(1, [_reply(s, w) for s, w in zip(states, weights)])
+    np.testing.assert_array_equal(arrays[B].numpy(), global_state[B])
+    if name == "fedavg":
+        expected_a = np.average(np.stack([s[A] for s in states]), axis=0, weights=weights)
+        np.testing.assert_allclose(arrays[A].numpy(), expected_a, rtol=1e-6)
+    strategy.aggregate_train(2, [_reply(_states(rng, 1, global_state)[0], 5)])
+    assert strategy.round_stats[2].rejected == 1  # a reply carrying B is not a fedsa site's
