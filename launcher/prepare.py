@@ -22,7 +22,7 @@ from common.preflight import (check_device, check_test_labels, check_trackers,
                               check_train_labels, check_writable)
 from common.privacy import expected_sampled_sites, noise_to_signal, resolve_noise_multiplier
 from common.strategies import LORA_MODES
-from common.task import cached_bundle, resolve_data
+from common.task import VALIDATION_FRACTION, cached_bundle, resolve_data
 from launcher.processes import DeployError
 
 
@@ -50,7 +50,7 @@ def prepare(cfg: Config) -> Config:
     train_ds, _ = load_manifest(cfg.data.train, modalities=used)
     test_ds, _ = load_manifest(cfg.data.test, modalities=used)
     check_train_labels(train_ds, cfg.data.train)
-    noise_advice(cfg, len(train_ds) // cfg.partition.num_clients)
+    noise_advice(cfg, site_train_rows(cfg, len(train_ds)))
     check_test_labels(cfg.data.labels, test_ds, cfg.data.test)
     check_device(cfg.device)
     check_writable(Path(cfg.output_dir))
@@ -58,22 +58,33 @@ def prepare(cfg: Config) -> Config:
     return cfg
 
 
+def site_train_rows(cfg: Config, train_rows: int) -> int:
+    """The training rows of a site of average size (its partition less its validation share)."""
+    return round(train_rows / cfg.partition.num_clients * (1 - VALIDATION_FRACTION))
+
+
+def noised_coordinates(cfg: Config) -> int:
+    """How many numbers DP noises: the adapter state a site uploads (ffa keeps A home)."""
+    uploads_a = LORA_MODES[cfg.strategy.lora_aggregation].uploads_a
+    state = adapter_state(cached_bundle(cfg.model, cfg.data.labels).model)
+    return sum(v.numel() for k, v in state.items() if uploads_a or ".lora_A." not in k)
+
+
 def noise_advice(cfg: Config, site_examples: int) -> float:
     """Print one DP release's expected noise-to-signal ratio (warn above 1); return it."""
     p = cfg.privacy
     if p.dp == "none":
         return 0.0
-    uploads_a = LORA_MODES[cfg.strategy.lora_aggregation].uploads_a
-    state = adapter_state(cached_bundle(cfg.model, cfg.data.labels).model)
-    d = sum(v.numel() for k, v in state.items() if uploads_a or ".lora_A." not in k)
+    d = noised_coordinates(cfg)
     ratio = noise_to_signal(cfg, d, site_examples)
     per = (f"DP-SGD step of {cfg.train.batch_size} samples" if p.dp == "local" else
            f"round of {expected_sampled_sites(cfg):g} sites")
     print(f"fedmm: expected noise-to-signal ratio {ratio:.2f} (noise norm / clipping norm of one "
           f"{per}, {d:,} noised coordinates)", flush=True)
     if ratio > 1:
-        print(f"fedmm: warning: the noise outweighs the update ({ratio:.1f} > 1): sample more "
-              "sites per round (partition.num_clients, strategy.fraction_train), noise fewer "
-              "coordinates (strategy.lora_aggregation=ffa, model.lora.r, target_modules) or "
-              "raise privacy.target_epsilon", file=sys.stderr, flush=True)
+        more = ("train on larger batches (train.batch_size)" if p.dp == "local" else
+                "sample more sites per round (partition.num_clients, strategy.fraction_train)")
+        print(f"fedmm: warning: the noise outweighs the update ({ratio:.1f} > 1): {more}, "
+              "noise fewer coordinates (strategy.lora_aggregation=ffa, model.lora.r, "
+              "target_modules) or raise privacy.target_epsilon", file=sys.stderr, flush=True)
     return ratio

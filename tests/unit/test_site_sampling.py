@@ -121,3 +121,21 @@ def test_ffa_composes_with_server_side_central_dp():
     for dp in ("server_fixed", "server_adaptive"):
         cfg = load_config(["privacy=central_dp", f"privacy.dp={dp}", "strategy.lora_aggregation=ffa"])
         assert cfg.strategy.lora_aggregation == "ffa"
+
+
+def test_launcher_advice_prints_the_closed_form_ratio_and_warns_above_one(capsys):
+    from launcher.prepare import noise_advice, noised_coordinates
+
+    small = ["model=minilm_cnn", "model.modalities=[image,text]", "data.labels=[a,b,c]",
+             "model.lora.r=2", "model.text.lora_layers=1", "model.fusion_dim=8",
+             "strategy.lora_aggregation=ffa"]
+    cfg = load_config(small + ["privacy=central_dp", "privacy.target_epsilon=0",
+                               "privacy.noise_multiplier=1.0"])
+    d = noised_coordinates(cfg)
+    assert noise_advice(cfg, 100) == pytest.approx(math.sqrt(d) / 10)  # z·√d / m, m = 10 sites
+    assert "warning: the noise outweighs the update" in capsys.readouterr().err
+    scaled = load_config(small + POISSON_200 + ["partition.num_clients=100000",
+                                                "privacy.target_epsilon=0",
+                                                "privacy.noise_multiplier=1.0"])
+    assert noise_advice(scaled, 100) == pytest.approx(math.sqrt(d) / 5000)  # q·N = 5000
+    assert "warning" not in capsys.readouterr().err
