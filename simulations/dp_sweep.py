@@ -64,7 +64,8 @@ def run_one(dp: str, eps: float, overrides: list[str], out: Path) -> dict:
 
 
 def write_table(rows: list[dict], dp: str, out: Path) -> list[Path]:
-    """dp_sweep.csv, dp_sweep.md and accuracy_vs_epsilon.png in `out`."""
+    """dp_sweep.csv, dp_sweep.md and accuracy_vs_epsilon.png in `out` (rows by ε)."""
+    rows = sorted(rows, key=lambda r: r["target_epsilon"])
     csv_path, md_path, png_path = (out / "dp_sweep.csv", out / "dp_sweep.md",
                                    out / "accuracy_vs_epsilon.png")
     with csv_path.open("w", newline="") as f:
