@@ -22,7 +22,7 @@ import math
 import sys
 from pathlib import Path
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError, from_json, load_config
 from common.privacy import local_noise_multiplier, noise_to_signal
 from launcher.prepare import noised_coordinates, site_train_rows
 from launcher.processes import DeployError
@@ -35,16 +35,23 @@ COLUMNS = ("target_epsilon", "epsilon", "delta", "noise_multiplier", "clipping_n
            "rounds", "wall_time_s")
 
 
-def run_one(dp: str, eps: float, overrides: list[str], out: Path) -> dict:
-    """One federation at target ε (inf: no DP); its row of the table."""
+def run_one(dp: str, eps: float, overrides: list[str], out: Path) -> Path:
+    """One federation at target ε (inf: no DP); its run folder."""
     private = not math.isinf(eps)
     privacy = [PRESETS[dp], f"privacy.target_epsilon={eps:g}"] if private else ["privacy=none"]
     cfg = prepare(load_config(overrides + privacy + [f"output_dir={out / f'eps-{eps:g}'}"]))
+    launch(cfg)
+    return Path(cfg.output_dir)
+
+
+def row_of(run_dir: Path, eps: float) -> dict:
+    """A finished run's row of the table (from its config.json, summary.json, metrics.jsonl)."""
+    cfg = from_json((run_dir / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    private, dp = cfg.privacy.dp != "none", "local" if cfg.privacy.dp == "local" else "central"
     with open(cfg.data.train, newline="") as f:
         site_rows = site_train_rows(cfg, sum(1 for _ in csv.DictReader(f)))
-    summary = launch(cfg)
-    rounds = [json.loads(line) for line in
-              (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     sampled = [r["sampled"] for r in rounds if r["round"] > 0]
     p, t = cfg.privacy, cfg.train
     z = p.noise_multiplier  # central: solved before the run; local: a site of average size
@@ -110,20 +117,29 @@ def main() -> None:
     p.add_argument("--dp", choices=sorted(PRESETS), required=True)
     p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8, 16, math.inf])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tables-only", action="store_true",
+                   help="only (re)write the tables from the finished runs in --out")
     p.add_argument("overrides", nargs="*", help="Hydra overrides shared by every run")
     args = p.parse_args()
     args.out = args.out.resolve()
-    rows = []
     try:
-        for eps in args.epsilons:
-            rows.append(run_one(args.dp, eps, list(args.overrides), args.out))
-            print(f"fedmm: ε={eps:g}: accuracy {rows[-1]['final_accuracy']:.3f}", flush=True)
+        for eps in [] if args.tables_only else args.epsilons:
+            run_one(args.dp, eps, list(args.overrides), args.out)
+            write_tables(args.dp, args.out)  # after every run: a long sweep shows its progress
     except (ConfigError, DeployError) as err:
         sys.exit(f"fedmm: {err}")
-    finally:
-        if rows:
-            for path in write_table(rows, args.dp, args.out) + write_comparison(args.out):
-                print(f"fedmm: wrote {path}")
+    for path in write_tables(args.dp, args.out):
+        print(f"fedmm: wrote {path}")
+
+
+def write_tables(dp: str, out: Path) -> list[Path]:
+    """The ε table and plot, and simulations/sweep.py's comparison, of the finished runs."""
+    done = [(d, float(d.name.removeprefix("eps-"))) for d in sorted(out.glob("eps-*"))
+            if (d / "summary.json").is_file()]
+    rows = [row_of(d, eps) for d, eps in done]
+    for row in rows:
+        print(f"fedmm: ε={row['target_epsilon']:g}: accuracy {row['final_accuracy']:.3f}")
+    return (write_table(rows, dp, out) + write_comparison(out)) if rows else []
 
 
 if __name__ == "__main__":
