@@ -48,7 +48,7 @@ DP_CENTRAL ?= model=minilm_cnn_dp strategy.lora_aggregation=ffa partition=iid \
               partition.num_clients=200 data.demo_train=4000 data.demo_test=300 \
               data.demo_dir=data/demo-4k strategy.sampling=poisson strategy.fraction_train=0.1 \
               strategy.rounds=15 train.epochs=3 train.lr=0.01
-DP_LOCAL   ?= model=minilm_cnn strategy.lora_aggregation=ffa
+DP_LOCAL   ?= model=minilm_cnn strategy.lora_aggregation=ffa strategy.rounds=2 train.epochs=1
 dp-sweep: $(STAMP)
 	$(BIN)/python -m simulations.dp_sweep --dp central --out runs/dp-central -- $(DP_CENTRAL)
 	$(BIN)/python -m simulations.dp_sweep --dp local --out runs/dp-local -- $(DP_LOCAL)

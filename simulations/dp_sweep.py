@@ -102,7 +102,8 @@ def write_table(rows: list[dict], dp: str, out: Path) -> list[Path]:
     for r in rows:
         if math.isinf(r["target_epsilon"]):
             ax.axhline(r["final_accuracy"], linestyle="--", color="grey", label="no DP (ε = ∞)")
-    ax.set(xscale="log", xlabel="ε (δ = 1e-5)", ylabel="final test accuracy", ylim=(0, 1.02),
+    ax.set(xscale="log" if private else "linear", xlabel="ε (δ = 1e-5)",
+           ylabel="final test accuracy", ylim=(0, 1.02),
            title=f"{dp} DP: {rows[0]['sites']} sites, {rows[0]['rounds']} rounds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
