@@ -46,8 +46,8 @@ from common.compression import CompressionError, decompress
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, aggregate_naive, delta_w,
                               lora_pairs, norm_bounded_mean, pair_rank_problem, refactor_like,
                               reweight_towers, update_norm)
-from common.rules import value_at
 from common.privacy import expected_sampled_sites, gaussian_sum_release, poisson_sample
+from common.rules import value_at
 from common.schema import CENTRAL_DP, Config, StrategyConfig
 from common.strategies import LORA_MODES, traits
 from server.flower_state import (aggregate_train_metrics, read_optimizer_state,
