@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration faults bench bench-gpu docker-e2e clean
+.PHONY: run test test-unit test-integration faults bench bench-gpu dp-sweep docker-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ bench: $(STAMP)
 # The default federation on a CUDA GPU (bf16); skips with a message where there is none.
 bench-gpu: $(STAMP)
 	PYTHON=$(BIN)/python benchmarks/gpu.sh $(ARGS)
+
+# Not part of `make test`: accuracy vs ε (1, 2, 4, 8, 16, ∞) for central DP at 200 Poisson-sampled
+# sites (the DP-aware small model) and local DP-SGD at the default 10 sites (the CNN model, FFA),
+# each a table + plot in runs/dp-*/ (README, "Privacy"); ~2 h on 2 busy CPU cores.
+DP_CENTRAL ?= model=minilm_cnn_dp strategy.lora_aggregation=ffa partition=iid \
+              partition.num_clients=200 data.demo_train=4000 data.demo_test=300 \
+              data.demo_dir=data/demo-4k strategy.sampling=poisson strategy.fraction_train=0.1 \
+              strategy.rounds=15 train.epochs=3 train.lr=0.01
+DP_LOCAL   ?= model=minilm_cnn strategy.lora_aggregation=ffa strategy.rounds=2 train.epochs=1
+dp-sweep: $(STAMP)
+	$(BIN)/python -m simulations.dp_sweep --dp central --out runs/dp-central -- $(DP_CENTRAL)
+	$(BIN)/python -m simulations.dp_sweep --dp local --out runs/dp-local -- $(DP_LOCAL)
 
 # Not part of `make test`: builds the images (offline, from docker/wheelhouse) and trains a
 # federation of containers under a Docker daemon of its own (root; README, "Deploy with Docker").

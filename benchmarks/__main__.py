@@ -23,6 +23,7 @@ SUITE = {  # name -> arguments (sized for a 2-core CPU: the suite stays under 15
     "memory": [],
     "deployed_startup": [],
     "breakdown": [],
+    "dp_coordinates": [],
 }
 
 

@@ -1,6 +1,6 @@
 """Peak memory of a simulation with 10 vs 200 virtual sites (goal: ratio <= 1.2x).
 
-    python -m benchmarks.memory [--sites 10 200] [--trained 4]
+    python -m benchmarks.memory [--sites 10 200] [--trained 4] [hydra overrides ...]
 
 Each federation is a real `flwr run` on Flower's simulation engine (simulations.run.launch):
 the default model on the default demo data split IID over `--sites` sites, one round in which
@@ -55,8 +55,8 @@ class PeakMemory:
                 self.rss, self.pss, self.processes = rss, pss, count
 
 
-def run(sites: int, trained: int, root: Path) -> dict:
-    cfg = prepare(load_config([
+def run(sites: int, trained: int, root: Path, overrides: list[str] = ()) -> dict:
+    cfg = prepare(load_config([*overrides,
         "partition=iid", f"partition.num_clients={sites}", "strategy.rounds=1",
         f"strategy.fraction_train={trained / sites}", "train.epochs=1",
         f"output_dir={root / f'sites-{sites}'}"]))
@@ -72,9 +72,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sites", type=int, nargs=2, default=[10, 200])
     p.add_argument("--trained", type=int, default=4)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for both federations")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fedmm-bench-memory-")) / "runs"
-    small, large = (run(n, args.trained, root) for n in args.sites)
+    small, large = (run(n, args.trained, root, args.overrides) for n in args.sites)
     for result in (small, large):
         emit(figure="simulation memory", **result)
     emit(figure="simulation memory ratio", sites=args.sites,

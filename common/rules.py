@@ -177,8 +177,15 @@ RULES: tuple[Rule, ...] = (
     Rule("strategy.name", lambda c: traits(c.strategy.name).central_dp,
          lambda c: f"one of {names_where(central_dp=True)} " + CENTRAL.format(c.privacy.dp),
          when=_central_dp),
-    Rule("strategy.lora_aggregation", lambda c: c.strategy.lora_aggregation == "naive",
-         lambda c: "naive " + CENTRAL.format(c.privacy.dp), when=_central_dp),
+    Rule("strategy.lora_aggregation", lambda c: c.strategy.lora_aggregation == "naive" or (
+        c.strategy.lora_aggregation == "ffa" and c.privacy.dp.startswith("server_")),
+        lambda c: f"naive, or ffa with a server_* mode, with privacy.dp={c.privacy.dp} (the "
+                  "server clips one uniform mean of whole-adapter updates, to which ffa's "
+                  "frozen A adds nothing; client_* sites clip without A)", when=_central_dp),
+    Rule("privacy.dp", lambda c: c.privacy.dp in ("none", "server_fixed", "local"),
+         "none, server_fixed or local with strategy.sampling=poisson (fedmm releases the "
+         "Poisson-sampled Gaussian sum itself, clipping at the server with a fixed norm)",
+         when=lambda c: c.strategy.sampling == "poisson"),
     Rule("simulation.site_ranks", lambda c: not c.simulation.site_ranks,
          lambda c: "[] " + CENTRAL.format(c.privacy.dp), when=_central_dp),
     Rule("privacy.secagg", lambda c: not c.privacy.secagg,
@@ -186,6 +193,8 @@ RULES: tuple[Rule, ...] = (
                    "plaintext Message-API strategy; use privacy.dp=local with SecAgg+)",
          when=_central_dp),
     # secure aggregation
+    Rule("strategy.sampling", lambda c: c.strategy.sampling == "fixed", "fixed " + SECAGG
+         + "Flower's SecAgg+ workflow samples the sites itself)", when=_secagg),
     Rule("resume", lambda c: not c.resume, "false with privacy.secagg=true (Flower's legacy "
          "SecAgg+ workflow always starts at round 1)", when=_secagg),
     Rule("strategy.lora_aggregation", lambda c: LORA_MODES[c.strategy.lora_aggregation].linear,

@@ -154,6 +154,7 @@ class StrategyConfig:
     name: str = spec(one_of=STRATEGIES)
     rounds: int = spec(gt=0)
     fraction_train: float = spec(gt=0, le=1)
+    sampling: str = spec(one_of=("fixed", "poisson"))  # poisson: each site w.p. fraction_train
     fraction_evaluate: float = spec(**UNIT)
     min_train_nodes: int = spec(ge=1)
     min_available_nodes: int = spec(ge=1)

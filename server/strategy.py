@@ -15,11 +15,17 @@ LoRA modes (`strategy.lora_aggregation`, math in common/lora_math.py):
   ffa    sites freeze A (shared seed) and upload the rest; the server re-inserts the global A.
   exact  FedEx-LoRA: mean A, mean B, and the residual mean(s·B_k·A_k) - s·mean(B)·mean(A)
          folded into the frozen base weights, sent to sites beside the adapter.
+Site sampling (`strategy.sampling`): `fixed` is Flower's (int(N·fraction_train) sites);
+`poisson` asks the inner strategy for every site and keeps each with probability fraction_train
+(common/privacy.py::poisson_sample). Central DP with Poisson sampling (`server_fixed` only) is
+released here, not by Flower's wrapper, whose noise is scaled by the number of replies:
+global + (Σ clip(Δ_k, C) + N(0, z²C²)) / (q·N), also for a round that sampled no site.
 What aggregation carries across rounds is one `StrategyState` (server/checkpoint.py saves it).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -40,6 +46,7 @@ from common.compression import CompressionError, decompress
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, aggregate_naive, delta_w,
                               lora_pairs, norm_bounded_mean, pair_rank_problem, refactor_like,
                               reweight_towers, update_norm)
+from common.privacy import expected_sampled_sites, gaussian_sum_release, poisson_sample
 from common.rules import value_at
 from common.schema import CENTRAL_DP, Config, StrategyConfig
 from common.strategies import LORA_MODES, site_only, traits
@@ -152,8 +159,10 @@ class ScreenedStrategy(Strategy):
 
     def __init__(self, inner: Strategy, cfg: StrategyConfig, initial: ArrayRecord,
                  lora_alpha: float, central_dp: bool = False,
-                 site_factors: tuple[str, ...] | None = None):
+                 site_factors: tuple[str, ...] | None = None, seed: int = 0,
+                 dp_release: Callable[[list[dict], dict, np.random.Generator], dict] | None = None):
         self.inner, self.cfg, self.central_dp = inner, cfg, central_dp
+        self.seed, self.dp_release = seed, dp_release  # dp_release: central DP, Poisson sites
         self.traits, self.lora_mode = traits(cfg.name), LORA_MODES[cfg.lora_aggregation]
         # LoRA factors that stay at the sites (ffa: A; fedsa: B): the global ones are kept
         self.site_factors = site_only(cfg.lora_aggregation) if site_factors is None else site_factors
@@ -203,6 +212,10 @@ class ScreenedStrategy(Strategy):
         server_round += self.round_offset
         self.global_state = _numpy(arrays)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.cfg.sampling == "poisson":  # the inner strategy addressed every site
+            chosen = set(poisson_sample([m.metadata.dst_node_id for m in messages],
+                                        self.cfg.fraction_train, self.seed, server_round))
+            messages = [m for m in messages if m.metadata.dst_node_id in chosen]
         for msg in messages:
             rank = self.state.node_ranks.get(msg.metadata.dst_node_id, self.lora_rank)
             if rank != self.lora_rank and self.state.global_delta:  # FlexLoRA: site's own rank
@@ -274,10 +287,13 @@ class ScreenedStrategy(Strategy):
             stats.bytes_uploaded += uploaded
             self.state.node_ranks[msg.metadata.src_node_id] = self._rank(msg)
             if self.site_factors and not self.own_mean:  # (the mean sets them last)
-                record, state = msg.content[keys.ARRAYS], self.arrays(msg)
-                for k in self.reference.keys() - record.keys():
-                    record[k] = Array(self.global_state[k])
-                    state[k] = self.global_state[k]
+                # in the global adapter's key order: Flower's DP clipping pairs arrays by position
+                record, state = msg.content[keys.ARRAYS], dict(self.arrays(msg))
+                full = ArrayRecord({k: record[k] if k in record else Array(self.global_state[k])
+                                    for k in self.reference})
+                state.update({k: self.global_state[k] for k in self.reference.keys() - state.keys()})
+                msg.content[keys.ARRAYS] = full
+                self._decoded[id(full)] = (full, state)
             if self.central_dp:  # the noise's sensitivity C/m needs an unweighted mean
                 msg.content[keys.METRICS][keys.NUM_EXAMPLES] = 1
             kept.append(msg)
@@ -321,6 +337,8 @@ class ScreenedStrategy(Strategy):
     def _aggregate_train(self, server_round: int, replies: Iterable[Message]
                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.screen(server_round, replies)
+        if self.dp_release is not None:  # every round releases, whatever the replies
+            return self.release_dp_sum(server_round, kept)
         if 0 < len(kept) < self.cfg.min_train_nodes:  # too few valid updates: keep the global
             log.warning("round %d: only %d valid update(s), fewer than min_train_nodes=%d; "
                         "round skipped, global adapter unchanged", server_round, len(kept),
@@ -354,6 +372,23 @@ class ScreenedStrategy(Strategy):
             self.round_stats[server_round].train_loss = float(metrics[keys.TRAIN_LOSS])
         self.round_stats[server_round].aggregated = arrays is not None
         return arrays, metrics
+
+    def release_dp_sum(self, server_round: int, kept: list[Message]
+                       ) -> tuple[ArrayRecord, MetricRecord | None]:
+        """Central DP over Poisson-sampled sites: global + the noised, clipped sum / (q·N)."""
+        shapes = self.expected_keys()  # ffa: the frozen A is neither clipped nor noised
+        updates = [{k: self.arrays(m)[k] - self.global_state[k] for k in shapes} for m in kept]
+        rng = np.random.default_rng([self.seed, server_round, 0xD9])
+        mean = self.dp_release(updates, shapes, rng=rng)
+        self.state.dp_releases += 1
+        state = {k: (self.global_state[k] + mean[k] if k in mean else self.global_state[k])
+                 for k in self.reference}
+        metrics = (aggregate_train_metrics(self.inner, [m.content for m in kept]) if kept
+                   else None)
+        if metrics is not None and keys.TRAIN_LOSS in metrics:
+            self.round_stats[server_round].train_loss = float(metrics[keys.TRAIN_LOSS])
+        self.round_stats[server_round].aggregated = True
+        return _record(state), metrics
 
     def weight_towers_by_modality(self, arrays: ArrayRecord, kept: list[Message]) -> ArrayRecord:
         """Re-average each tower over the sites' rows that hold its modality (FedAvg per tower)."""
@@ -518,6 +553,8 @@ def strategy_args(cfg: Config) -> dict:
     """The configured Flower strategy's constructor arguments (its traits map them to keys)."""
     s = cfg.strategy
     args = {arg: value_at(cfg, key) for arg, key in traits(s.name).args}
+    if s.sampling == "poisson":  # every site is addressed; ScreenedStrategy draws who trains
+        args.update(fraction_train=1.0, min_train_nodes=1)
     args["min_evaluate_nodes"] = min(s.min_train_nodes, s.min_available_nodes)
     if s.name == "normbounded":
         args["norm_bound"] = s.norm_bound
@@ -536,8 +573,15 @@ def make_strategy(cfg: Config, initial: ArrayRecord,
 
     `initial` fixes the keys and shapes replies must have.
     """
-    inner = wrap(flower_class(cfg.strategy.name)(**strategy_args(cfg)))
+    inner = flower_class(cfg.strategy.name)(**strategy_args(cfg))
+    p, release = cfg.privacy, None
+    if cfg.strategy.sampling == "poisson" and p.dp in CENTRAL_DP:  # rules: server_fixed only
+        divisor = expected_sampled_sites(cfg)
+        release = functools.partial(gaussian_sum_release, clipping_norm=p.clipping_norm,
+                                    noise_multiplier=p.noise_multiplier, divisor=divisor)
+    else:
+        inner = wrap(inner)
     return ScreenedStrategy(inner, cfg.strategy, initial, cfg.model.lora.alpha,
-                            central_dp=cfg.privacy.dp in CENTRAL_DP,
+                            central_dp=p.dp in CENTRAL_DP, seed=cfg.seed, dp_release=release,
                             site_factors=site_only(cfg.strategy.lora_aggregation,
                                                    cfg.personalization.name))

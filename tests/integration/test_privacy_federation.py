@@ -88,3 +88,21 @@ def test_local_dp_sites_report_their_own_growing_epsilon(run):
               "privacy.noise_multiplier=1.0", "simulation.drop_sites=[]")
     first, second = (r["epsilon"] for r in _rows(out)[1:])
     assert 0 < first < second < np.inf
+
+
+def test_poisson_sampled_central_dp_with_ffa_reports_the_sampled_epsilon_and_keeps_a(run):
+    out = run("poisson", "privacy=central_dp", "strategy.sampling=poisson",
+              "strategy.fraction_train=0.5", "strategy.lora_aggregation=ffa")
+    z = json.load(open(out / "config.json"))["privacy"]["noise_multiplier"]
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    rows = _rows(out)[1:]
+    for row in rows:  # the same accountant, now with the sampling rate the sites were drawn at
+        rdp = compute_rdp(q=0.5, noise_multiplier=z, steps=row["round"], orders=orders)
+        assert row["epsilon"] == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp,
+                                                                 delta=1e-5)[0], rel=0.01)
+    assert all(r["sampled"] <= 4 for r in rows)
+    first, last = (load_file(str(out / f"adapters/round-00{r}/adapter_model.safetensors"))
+                   for r in (1, 2))
+    a_keys = [k for k in first if ".lora_A." in k]
+    assert a_keys and all(np.array_equal(first[k], last[k]) for k in a_keys)  # A frozen
+    assert any(not np.array_equal(first[k], last[k]) for k in first if k not in a_keys)

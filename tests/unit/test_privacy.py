@@ -86,7 +86,7 @@ def test_secagg_mean_of_flowers_quantised_uploads_is_within_the_bound(seed):
     (["privacy=secagg", "strategy.fraction_evaluate=0.5"], "strategy.fraction_evaluate"),
     (["privacy=secagg", "privacy.num_shares=2"], "privacy.num_shares"),
     (["privacy=central_dp", "strategy=fedtrimmedavg"], "strategy.name"),
-    (["privacy=central_dp", "strategy.lora_aggregation=ffa"], "strategy.lora_aggregation"),
+    (["privacy=central_dp", "strategy.lora_aggregation=exact"], "strategy.lora_aggregation"),
     (["privacy=central_dp", "privacy.secagg=true"], "privacy.secagg"),
     (["privacy.dp=server_fixed"], "privacy.noise_multiplier"),
     (["privacy.dp=gaussian"], "privacy.dp"),
