@@ -22,7 +22,7 @@ from common.preflight import (check_device, check_test_labels, check_trackers,
                               check_train_labels, check_writable)
 from common.privacy import expected_sampled_sites, noise_to_signal, resolve_noise_multiplier
 from common.strategies import LORA_MODES
-from common.task import VALIDATION_FRACTION, cached_bundle, resolve_data
+from common.task import cached_bundle, resolve_data
 from launcher.processes import DeployError
 
 
@@ -59,8 +59,8 @@ def prepare(cfg: Config) -> Config:
 
 
 def site_train_rows(cfg: Config, train_rows: int) -> int:
-    """The training rows of a site of average size (its partition less its validation share)."""
-    return round(train_rows / cfg.partition.num_clients * (1 - VALIDATION_FRACTION))
+    """The training rows of a site of average size (its partition less its held-out share)."""
+    return round(train_rows / cfg.partition.num_clients * (1 - cfg.partition.holdout_fraction))
 
 
 def noised_coordinates(cfg: Config) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ from common.towers.text import EMBEDDED_TEXT, resolve_name_or_path
 
 torch.set_num_threads(2)
 LABELS = ["a", "b", "c"]
+
+
+@pytest.fixture(autouse=True)
+def flower_console_on_the_process_stream():
+    """Flower's console log handler writes to the stream it was last pointed at; when that is a
+    test's captured stream, it is closed after the test: point it back at the process's own."""
+    yield
+    from flwr.supercore.logger import console_handler
+
+    if getattr(console_handler.stream, "closed", False):
+        console_handler.setStream(sys.__stdout__)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ import csv
 import io
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -268,18 +270,32 @@ def _train_whose_serverapp_failed(tmp: Path, mp: pytest.MonkeyPatch, _: Path,
     return ["train", "--insecure", f"output_dir={tmp / 'run'}"]
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+# `python -m simulations.run` in a process of its own (Hydra's entry point takes over the
+# process's streams), with Flower's run replaced by one whose every round lost every reply
+FAKED_SIMULATION = """
+import sys
+import simulations.run as run
+from launcher.flwr_cli import FlowerRun
+from tests.faults.test_probes import _failed_summary
+
+write = _failed_summary()
+
+
+def run_app(*_args, log_path, **_kwargs):
+    write(log_path.parent)
+    return FlowerRun(run_id=1, status="finished:completed", log_path=log_path)
+
+
+run.prepare, run.run_app = (lambda cfg: cfg), run_app
+sys.argv = ["simulations.run", *sys.argv[1:]]
+run.main()
+"""
+
+
 def _simulation_whose_rounds_all_failed(tmp: Path, mp: pytest.MonkeyPatch, _: Path,
                                         __: Path) -> list[str]:
-    import simulations.run
-    from launcher.flwr_cli import FlowerRun
-
-    write = _failed_summary()
-
-    def run_app(*_args, log_path: Path, **_kwargs):
-        write(log_path.parent)
-        return FlowerRun(run_id=1, status="finished:completed", log_path=log_path)
-    mp.setattr(simulations.run, "prepare", lambda cfg: cfg)
-    mp.setattr(simulations.run, "run_app", run_app)
     return ["simulate", f"output_dir={tmp / 'run'}"]
 
 
@@ -357,13 +373,10 @@ def test_command_fails_with_one_line_and_a_nonzero_exit(
         adapter_and_data: tuple[Path, Path], build: Callable[..., list[str]],
         expected: str) -> None:
     argv = build(tmp_path, monkeypatch, *adapter_and_data)
-    if argv[0] == "simulate":  # python -m simulations.run OVERRIDES
-        import simulations.run
-
-        monkeypatch.setattr("sys.argv", ["simulations.run", *argv[1:]])
-        with pytest.raises(SystemExit) as exit_:
-            simulations.run.main()
-        code, line = 1, str(exit_.value.code)
+    if argv[0] == "simulate":  # python -m simulations.run OVERRIDES, Flower's run faked
+        proc = subprocess.run([sys.executable, "-c", FAKED_SIMULATION, *argv[1:]],
+                              capture_output=True, text=True, cwd=ROOT)
+        code, line = proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
     else:
         from launcher.cli import main
 
