@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,6 @@ from common.towers.text import EMBEDDED_TEXT, resolve_name_or_path
 
 torch.set_num_threads(2)
 LABELS = ["a", "b", "c"]
-
-
-@pytest.fixture(autouse=True)
-def flower_console_on_the_process_stream():
-    """Flower's console log handler writes to the stream it was last pointed at; when that is a
-    test's captured stream, it is closed after the test: point it back at the process's own."""
-    yield
-    from flwr.supercore.logger import console_handler
-
-    if getattr(console_handler.stream, "closed", False):
-        console_handler.setStream(sys.__stdout__)
 
 
 @pytest.fixture(scope="session")
@@ -156,3 +144,19 @@ def flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def assert_reloads_to_identical_logits(bundle, data: Encoded, folder: Path) -> None:
+    """Save `bundle`'s adapter, load it with PeftModel.from_pretrained on a fresh backbone, and
+    require the very same logits on `data`."""
+    from peft import PeftModel
+
+    from common.model import build_backbone, save_adapter
+    from common.train import predict
+
+    expected = predict(bundle, data)
+    save_adapter(bundle, folder)
+    backbone, _ = build_backbone(bundle.cfg, len(bundle.label_names))
+    reloaded = PeftModel.from_pretrained(backbone, str(folder))
+    torch.testing.assert_close(predict(type(bundle)(reloaded, bundle.label_names, bundle.cfg),
+                                       data), expected, rtol=0, atol=0)
