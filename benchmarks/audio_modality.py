@@ -24,7 +24,7 @@ import torch
 from benchmarks.measure import emit
 from common.adapter import adapter_state, state_bytes, to_numpy
 from common.config import load_config
-from common.data import Encoded
+from common.encoded import Encoded
 from common.model import build_model
 from common.stems import cacheable
 from common.task import load_test_split, resolve_data, site_data

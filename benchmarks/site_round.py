@@ -1,16 +1,18 @@
 """Seconds of one site-round (local training of one site) per model, the cache's speed-up.
 
-    python -m benchmarks.site_round [--rows 180] [--threads 2]
+    python -m benchmarks.site_round [--rows 200] [--threads 2] [--fusions concat gated late]
 
 Prints one JSON line per model: the first round apart (it fills the stem cache), the steady
 state (best of the next rounds), samples/s, the ratio to the small-CNN model's steady
 site-round, and, for models whose towers cache a stem, the same steady round without the cache.
-All run in-process on the default demo task (one IID site of `--rows` rows, 3 local epochs).
+All run in-process on the default demo task (one IID site of `--rows` rows, 3 local epochs),
+once per `--fusions` entry (a model without projections gets 64-wide ones for `gated`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -57,13 +59,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fusions", nargs="+", default=["concat"],
+                        choices=["concat", "gated", "late"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     baseline = None
-    for name, overrides in MODELS.items():
+    for (name, model), fusion in itertools.product(MODELS.items(), args.fusions):
+        overrides = [*model, f"model.fusion={fusion}"]
+        if fusion == "gated" and load_config(model).model.projection_dim == 0:
+            overrides.append("model.projection_dim=64")  # gates mix projections of one width
         first, steady, n, cached = site_round_seconds(overrides, args.rows, args.rounds, True)
         baseline = baseline or steady
-        line = {"figure": "site_round_s", "model": name, "rows": n,
+        line = {"figure": "site_round_s", "model": name, "fusion": fusion, "rows": n,
                 "first_round_s": round(first, 2), "steady_round_s": round(steady, 2),
                 "samples_per_s": round(3 * n / steady, 1),
                 "ratio_to_cnn": round(steady / baseline, 2)}

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 
+from client.site import Site
 from common import keys
 from common.adapter import adapter_state, set_adapter_state, set_lora_a_trainable, to_numpy
-from common.data import Encoded
+from common.encoded import Encoded
 from common.model import save_adapter
 from common.train import evaluate, train_local
-from client.site import Site
 
 PERSONAL_STATE = "fedmm-personal-adapter"  # ditto: v; fedsa: B; in the site's Context
 LORA_B = ".lora_B."

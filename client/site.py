@@ -20,7 +20,7 @@ from flwr.app import Context, Message
 from common import keys
 from common.adapter import apply_base_residuals, set_adapter_state, set_lora_a_trainable
 from common.config import Config, from_run_config
-from common.data import Encoded
+from common.encoded import Encoded
 from common.lora_math import fit_rank
 from common.model import Bundle
 from common.stems import cached_stems

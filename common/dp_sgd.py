@@ -20,7 +20,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from common.data import Encoded
+from common.encoded import Encoded
 from common.model import Bundle
 from common.privacy import local_steps
 from common.schema import TrainConfig

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.data import Encoded
+from common.encoded import Encoded
 from common.model import Bundle
 from common.train import evaluate
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from common.config import SkewConfig
-from common.data import Clips, Encoded
+from common.encoded import Clips, Encoded
 
 MAX_BLUR_SIGMA = 3.0  # pixels: the Gaussian blur sigma at image_blur level 1
 STREAMS = ("missing", "image_noise", "text_corruption", "label_noise")

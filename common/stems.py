@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import Encoded
+from common.encoded import Encoded
 
 MEMORY_LIMIT_MB = float(os.environ.get("FEDMM_STEM_CACHE_MB", "1024"))
 BATCH = 64

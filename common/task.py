@@ -19,14 +19,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from common.data import (Encoded, Encoding, encode, label_names, load_manifest,
-                         manifest_columns)
+from common.data import Encoding, encode, label_names, load_manifest, manifest_columns
 from common.demo_data import generate
+from common.encoded import Encoded
 from common.model import Bundle, build_model
 from common.partition import natural_sites, partition_indices, site_names
 from common.rules import check_rules
 from common.schema import MODALITIES, Config, ConfigError, ModelConfig, PartitionConfig, SkewConfig
 from common.skews import apply_skews
+
 
 def resolve_data(cfg: Config) -> Config:
     """`cfg` with absolute manifest paths, the label set, the model's modalities and a natural

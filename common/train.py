@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data import Encoded
+from common.encoded import Encoded
 from common.model import RAW_INPUTS, Bundle
 from common.schema import TrainConfig
 from common.stems import cached_stems

@@ -29,14 +29,14 @@ from pathlib import Path
 
 from common.adapter import apply_base_residuals, set_adapter_state
 from common.config import Config, StrategyConfig, to_json
-from common.data import Encoded
+from common.encoded import Encoded
 from common.files import write_json_atomic
 from common.model import Bundle, backbone_bytes, save_adapter
 from common.train import evaluate
 from server.checkpoint import last_checkpoint, save_strategy_state, write_meta
 from server.privacy import privacy_metrics
-from server.strategy import RoundStats, ScreenedStrategy, StrategyState
 from server.site_report import PLOT, plot_sites, site_columns, site_outcome
+from server.strategy import RoundStats, ScreenedStrategy, StrategyState
 from server.tracking import Trackers
 
 log = logging.getLogger("fedmm.server")

@@ -26,10 +26,8 @@ What aggregation carries across rounds is one `StrategyState` (server/checkpoint
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,17 +39,18 @@ from flwr.serverapp import strategy as flower
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
-from common.adapter import rejection_reason
 from common.compression import CompressionError, decompress
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, aggregate_naive, delta_w,
-                              lora_pairs, norm_bounded_mean, pair_rank_problem, refactor_like,
-                              reweight_towers, update_norm)
+                              lora_pairs, norm_bounded_mean, refactor_like, reweight_towers,
+                              update_norm)
 from common.privacy import expected_sampled_sites, gaussian_sum_release, poisson_sample
 from common.rules import value_at
 from common.schema import CENTRAL_DP, Config, StrategyConfig
 from common.strategies import LORA_MODES, site_only, traits
 from server.flower_state import (aggregate_train_metrics, read_optimizer_state,
                                  write_optimizer_state)
+from server.replies import (DecodedArray, decode_arrays, reply_problem, site_results,
+                            to_record, uploaded_bytes)
 
 log = logging.getLogger("fedmm.server")
 
@@ -91,55 +90,6 @@ class StrategyState:
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # Flower's (flower_state.py)
 
 
-def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: _array(v) for k, v in record.items()}
-
-
-class DecodedArray(Array):
-    """A reply's Array whose NumPy value screening has decoded: Flower's strategies get it
-    without decoding the bytes again (a copy, so they may change it in place)."""
-
-    @classmethod
-    def of(cls, array: Array, value: np.ndarray) -> DecodedArray:
-        out = cls(array.dtype, tuple(array.shape), array.stype, array.data)
-        out.__dict__["_fedmm_value"] = value
-        return out
-
-    def numpy(self) -> np.ndarray:
-        return np.array(self.__dict__["_fedmm_value"])
-
-
-_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-
-
-def _array(value: Array) -> np.ndarray:
-    """An Array as NumPy: a read-only view when its bytes are exactly what np.save writes for
-    its dtype and shape (np.load's header parsing costs more than the mean of 100 replies),
-    else Flower's own decoding."""
-    data, shape = value.data, tuple(value.shape)
-    try:
-        key = (np.dtype(value.dtype).str, shape)
-    except TypeError:
-        return value.numpy()
-    if key not in _HEADERS:
-        if len(_HEADERS) > 4096:  # bounded, whatever shapes replies claim
-            _HEADERS.clear()
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": key[0], "fortran_order": False,
-                                                      "shape": shape})
-        _HEADERS[key] = header.getvalue()
-    header = _HEADERS[key]
-    count = math.prod(shape)
-    if (value.stype != "numpy.ndarray" or not data.startswith(header)
-            or len(data) != len(header) + count * np.dtype(key[0]).itemsize):
-        return value.numpy()
-    return np.frombuffer(data, key[0], count, len(header)).reshape(shape)
-
-
-def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
 def shift_rounds(evaluate_fn: Callable | None, offset: int) -> Callable | None:
     """`evaluate_fn` seeing true round numbers when Flower's loop starts after `offset` rounds.
 
@@ -167,7 +117,7 @@ class ScreenedStrategy(Strategy):
         # LoRA factors that stay at the sites (ffa: A; fedsa: B): the global ones are kept
         self.site_factors = site_only(cfg.lora_aggregation) if site_factors is None else site_factors
         self.reference = {k: tuple(v.shape) for k, v in initial.items()}
-        self.global_state = _numpy(initial)
+        self.global_state = decode_arrays(initial)
         a_key = next((k for k in self.reference if ".lora_A." in k), None)
         self.lora_rank = self.reference[a_key][0] if a_key else 1
         self.lora_alpha = lora_alpha
@@ -210,7 +160,7 @@ class ScreenedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        self.global_state = _numpy(arrays)
+        self.global_state = decode_arrays(arrays)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if self.cfg.sampling == "poisson":  # the inner strategy addressed every site
             chosen = set(poisson_sample([m.metadata.dst_node_id for m in messages],
@@ -219,10 +169,10 @@ class ScreenedStrategy(Strategy):
         for msg in messages:
             rank = self.state.node_ranks.get(msg.metadata.dst_node_id, self.lora_rank)
             if rank != self.lora_rank and self.state.global_delta:  # FlexLoRA: site's own rank
-                msg.content = RecordDict({keys.ARRAYS: _record(self.arrays_for_rank(rank)),
+                msg.content = RecordDict({keys.ARRAYS: to_record(self.arrays_for_rank(rank)),
                                           keys.CONFIG: msg.content[keys.CONFIG]})
             if self.state.residuals:
-                msg.content[keys.BASE_RESIDUALS] = _record(self.state.residuals)
+                msg.content[keys.BASE_RESIDUALS] = to_record(self.state.residuals)
         self.round_stats[server_round] = RoundStats(sampled=len(messages))
         self.sent = messages  # the Grid gives each its message id as it sends it
         return messages
@@ -270,9 +220,9 @@ class ScreenedStrategy(Strategy):
             stats.reasons.append(f"node {node}: no reply within strategy.round_timeout_s="
                                  f"{self.cfg.round_timeout_s:g}")
         for msg, node in zip(replies, nodes):
-            uploaded = _uploaded_bytes(msg)
+            uploaded = uploaded_bytes(msg)
             reason = self.decompress(msg, expected)
-            reason = reason or _reply_problem(msg, expected, self.rank_flexible, self.arrays)
+            reason = reason or reply_problem(msg, expected, self.rank_flexible, self.arrays)
             if reason is None and self.cfg.max_update_norm > 0:
                 state = self.arrays(msg)
                 norm = update_norm(state, {k: self.global_state[k] for k in state})
@@ -308,11 +258,11 @@ class ScreenedStrategy(Strategy):
                 or keys.ARRAYS not in msg.content.array_records):
             return None  # plain arrays, or a reply that screening rejects with its own reason
         try:
-            delta = decompress(_numpy(msg.content[keys.ARRAYS]), self.cfg.compression, expected)
+            delta = decompress(decode_arrays(msg.content[keys.ARRAYS]), self.cfg.compression, expected)
         except (CompressionError, ValueError, TypeError) as err:
             return f"{self.cfg.compression} update cannot be decoded: {err}"
         state = {k: self.global_state[k] + d for k, d in delta.items()}
-        msg.content[keys.ARRAYS] = record = _record(state)
+        msg.content[keys.ARRAYS] = record = to_record(state)
         self._decoded[id(record)] = (record, state)
         return None
 
@@ -321,7 +271,7 @@ class ScreenedStrategy(Strategy):
         record = msg.content[keys.ARRAYS]
         cached = self._decoded.get(id(record))
         if cached is None or cached[0] is not record:
-            cached = self._decoded[id(record)] = (record, _numpy(record))
+            cached = self._decoded[id(record)] = (record, decode_arrays(record))
         return cached[1]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -388,7 +338,7 @@ class ScreenedStrategy(Strategy):
         if metrics is not None and keys.TRAIN_LOSS in metrics:
             self.round_stats[server_round].train_loss = float(metrics[keys.TRAIN_LOSS])
         self.round_stats[server_round].aggregated = True
-        return _record(state), metrics
+        return to_record(state), metrics
 
     def weight_towers_by_modality(self, arrays: ArrayRecord, kept: list[Message]) -> ArrayRecord:
         """Re-average each tower over the sites' rows that hold its modality (FedAvg per tower)."""
@@ -402,7 +352,7 @@ class ScreenedStrategy(Strategy):
         if not counts:
             return arrays
         states = [self.arrays(m) for m in kept]
-        return _record(reweight_towers(_numpy(arrays), states, counts))
+        return to_record(reweight_towers(decode_arrays(arrays), states, counts))
 
     def _rank(self, msg: Message) -> int:
         a_key = next((k for k in msg.content[keys.ARRAYS] if ".lora_A." in k), None)
@@ -422,13 +372,13 @@ class ScreenedStrategy(Strategy):
         log.info("heterogeneous ranks %s: worst rank-%d truncation error %.3g",
                  sorted({self._rank(m) for m in kept}), self.lora_rank,
                  max(errors.values(), default=0.0))
-        return _record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
+        return to_record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
 
     def aggregate_mean(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FedAvg: the num-examples-weighted mean of every tensor (float64 accumulation)."""
         states = [self.arrays(m) for m in kept]
         weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
-        return (_record(aggregate_naive(states, weights)),
+        return (to_record(aggregate_naive(states, weights)),
                 aggregate_train_metrics(self.inner, [m.content for m in kept]))
 
     def aggregate_exact(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
@@ -438,26 +388,7 @@ class ScreenedStrategy(Strategy):
         state, residual = aggregate_exact(states, weights, self.lora_alpha / self.lora_rank)
         for prefix, r in residual.items():
             self.state.residuals[prefix] = self.state.residuals.get(prefix, 0) + r
-        return _record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
-
-
-SITE_FIELDS = {keys.EVAL_ACCURACY: "accuracy", keys.EVAL_MACRO_F1: "macro_f1",
-               keys.EVAL_LOSS: "loss", keys.NUM_EXAMPLES: "num_examples",
-               keys.PERSONAL_ACCURACY: "personal_accuracy",
-               keys.PERSONAL_MACRO_F1: "personal_macro_f1"}  # evaluate reply -> metrics.jsonl
-
-
-def site_results(replies: list[Message]) -> dict[str, dict]:
-    """Each replying site's evaluation figures, by the name its reply gives."""
-    out = {}
-    for msg in replies:
-        if msg.has_error() or keys.SITE not in msg.content.config_records:
-            continue
-        metrics = msg.content[keys.METRICS]
-        name = str(msg.content[keys.SITE][keys.SITE_NAME])
-        out[name] = {f: int(metrics[k]) if f == "num_examples" else float(metrics[k])
-                     for k, f in SITE_FIELDS.items() if k in metrics}
-    return dict(sorted(out.items()))
+        return to_record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
 
 
 def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
@@ -469,58 +400,9 @@ def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
         stats.site_epsilon = max(reported)
 
 
-def client_error(reason: str) -> str:
-    """The gist of a Flower error reply, in one line: the ClientApp exception and its message.
-
-    Flower sends `<class 'T'>:<'message'>`; under Ray the message is Ray's whole traceback,
-    ending in Flower's `... Message: <the ClientApp's message>`.
-    """
-    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)  # Ray colours its traceback
-    match = re.fullmatch(r"<class '([^']*)'>:<'(.*)'>", text, re.DOTALL)
-    if not match:
-        return " ".join(text.split())
-    kind, message = match[1].rsplit(".", 1)[-1], match[2]
-    if "Message: " in message:  # Ray's traceback around Flower's ClientAppException
-        return " ".join(message.rsplit("Message: ", 1)[1].split())
-    return f"{kind}: {' '.join(message.split())}"
 def note_site_timings(stats: RoundStats, metrics: list) -> None:
     """Keep the start-up seconds (message start to first step) the sites of a round reported."""
     stats.site_startups = [float(m[keys.SITE_STARTUP]) for m in metrics if keys.SITE_STARTUP in m]
-
-
-def _uploaded_bytes(msg: Message) -> int:
-    """Bytes of the arrays a reply carried (as sent: compressed when compression is on)."""
-    if msg.has_error() or keys.ARRAYS not in msg.content.array_records:
-        return 0
-    return msg.content[keys.ARRAYS].count_bytes()
-
-
-def _reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
-                   rank_flexible: bool = False,
-                   arrays: Callable[[Message], dict[str, np.ndarray]] | None = None
-                   ) -> str | None:
-    """Why a train reply cannot be aggregated, or None (LoRA ranks may vary if flexible)."""
-    if msg.has_error():
-        return f"client error: {client_error(msg.error.reason)}"
-    content = msg.content
-    if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
-        return "reply lacks the adapter arrays or the metrics"
-    metrics = content[keys.METRICS]
-    try:
-        update = arrays(msg) if arrays else _numpy(content[keys.ARRAYS])
-        num_examples = float(metrics.get(keys.NUM_EXAMPLES, 0))
-        with_modality = [float(metrics.get(k, 0)) for k in keys.NUM_MODALITY_EXAMPLES.values()]
-    except (ValueError, TypeError) as err:
-        return f"reply cannot be decoded: {err}"
-    if not all(0 <= c <= num_examples for c in with_modality):  # NaN fails too
-        return (f"modality counts {with_modality} outside [0, num-examples={num_examples:g}]")
-    if rank_flexible:
-        problem = pair_rank_problem(update, expected)
-        if problem:
-            return problem
-        expected = {k: (np.shape(update[k]) if ".lora_" in k and k in update else s)
-                    for k, s in expected.items()}
-    return rejection_reason(expected, update, num_examples)
 
 
 class NormBoundedFedAvg(FedAvg):
@@ -533,7 +415,7 @@ class NormBoundedFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.current = _numpy(arrays)  # the global adapter the updates are measured from
+        self.current = decode_arrays(arrays)  # the global adapter the updates are measured from
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -541,12 +423,12 @@ class NormBoundedFedAvg(FedAvg):
         replies = [m for m in replies if not m.has_error()]
         if not replies:
             return None, None
-        states = [_numpy(m.content[keys.ARRAYS]) for m in replies]
+        states = [decode_arrays(m.content[keys.ARRAYS]) for m in replies]
         weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in replies]
         state, bound = norm_bounded_mean(states, weights, self.current, self.norm_bound or None)
         log.info("round %d: updates clipped to norm %.4g", server_round, bound)
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
-        return _record(state), metrics
+        return to_record(state), metrics
 
 
 def strategy_args(cfg: Config) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from common.config import Config
-from common.data import Encoded
+from common.encoded import Encoded
 from common.model import build_model
 from common.task import load_test_split, site_data
 from common.train import evaluate, pick_device, train_local

@@ -11,7 +11,7 @@ import torch
 from dataclasses import replace
 
 from common.config import Config, TrainConfig, load_config
-from common.data import Clips, Encoded
+from common.encoded import Clips, Encoded
 from common.towers.text import EMBEDDED_TEXT, resolve_name_or_path
 
 torch.set_num_threads(2)

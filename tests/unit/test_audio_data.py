@@ -15,7 +15,8 @@ from transformers import WhisperFeatureExtractor
 
 from common import data as data_module
 from common.config import ConfigError, load_config
-from common.data import Encoded, Encoding, ManifestError, encode, label_names, load_manifest
+from common.data import Encoding, ManifestError, encode, label_names, load_manifest
+from common.encoded import Encoded
 from common.task import resolve_data
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -15,8 +15,9 @@ import torch
 from PIL import Image, ImageFile
 
 from common.config import load_config
-from common.data import (Encoded, Encoding, ManifestError, encode, encode_images, encode_labels,
+from common.data import (Encoding, ManifestError, encode, encode_images, encode_labels,
                          label_names, load_manifest)
+from common.encoded import Encoded
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 ENCODING = Encoding(("image", "text"), 8, MEAN, STD)  # 8x8 images, texts

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 from common.config import ConfigError, load_config
-from common.data import Encoded
+from common.encoded import Encoded
 from common.model import build_backbone, build_model, save_adapter
 from common.train import predict, train_local
 from tests.conftest import LABELS, random_batch, tiny_overrides, train_options

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from common.adapter import adapter_state
 from common.config import load_config
-from common.data import Encoded
+from common.encoded import Encoded
 from common.model import build_backbone, build_model, save_adapter
 from common.train import predict, train_local
 from tests.conftest import LABELS, random_batch, tiny_overrides, train_options

@@ -114,7 +114,7 @@ def test_a_hub_style_waveform_tower_is_the_audio_tower_of_a_model(kind, tiny_tex
                                                                    tmp_path):
     from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model
 
-    from common.data import Clips, Encoded
+    from common.encoded import Clips, Encoded
     from common.task import input_encoding
 
     config_cls, model_cls = {"wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),

@@ -13,7 +13,7 @@ from common.model import build_model
 from common.site_metrics import site_summary
 from common.train import train_local
 from server.site_report import plot_sites, site_columns, site_outcome
-from server.strategy import site_results
+from server.replies import site_results
 from tests.conftest import LABELS, random_batch, tiny_overrides, train_options
 
 SITES = {"h-a": {"accuracy": 0.9, "macro_f1": 0.8}, "h-b": {"accuracy": 0.4, "macro_f1": 0.5},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.config import SkewConfig
-from common.data import Clips, Encoded
+from common.encoded import Clips, Encoded
 from common.skews import apply_skews, site_levels
 
 NONE = SkewConfig(missing_image_clients=0.0, missing_text_clients=0.0, missing_audio_clients=0.0,
