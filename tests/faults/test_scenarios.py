@@ -4,7 +4,7 @@ row (scenario, expected, observed, command) to the table `make faults` prints.
 Simulated (`python -m simulations.run`, Flower's simulation engine, tiny towers, iid sites):
   every site failing every round       the run fails: exit != 0, one line, status failed
   30% of the sites crashing each round  the rounds complete with the rest; accuracy within
-                                        2 points of the clean run
+    (the default config)                2 points of the clean run
   a straggler past the round timeout    its round goes on without it; it rejoins the next one
   a full disk mid-checkpoint (hook)     one line; the previous checkpoint is whole; resume works
 Deployed (`fedmm server` + three `fedmm site` SuperNodes, TLS + node authentication):
@@ -33,7 +33,6 @@ from tests.deployment.conftest import FEDMM, ROOT, online_nodes, wait_for
 
 pytestmark = pytest.mark.faults_slow
 RUN_TIMEOUT = 1800  # one simulated run, 2 busy cores
-ROUNDS = 8          # crashes vs clean: long enough for the tiny model to learn the task
 TIMEOUT_S, HANG_S = 150, 225  # the straggler hangs past the round timeout, not past two
 SLOW_CHECKPOINT_S = 5  # deployed: every round checkpoint pauses mid-write this long
 
@@ -72,14 +71,17 @@ def _clients(rows: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def simulate(tmp_path_factory, tiny_text_dir):
-    """Run `python -m simulations.run` on tiny towers and 600/200 demo rows split iid."""
+    """Run `python -m simulations.run` on tiny towers and 600/200 demo rows split iid, or on
+    the default config (`default=True`: pretrained towers, the default task)."""
     root = tmp_path_factory.mktemp("scenarios")
-    base = [*tiny_overrides(tiny_text_dir), "model.vision.channels=[8,16]", "model.lora.r=4",
+    tiny = [*tiny_overrides(tiny_text_dir), "model.vision.channels=[8,16]", "model.lora.r=4",
             f"data.demo_dir={root / 'demo'}", "data.demo_train=600", "data.demo_test=200",
             "partition=iid", "train.lr=0.01", "train.epochs=8"]
 
-    def run(name: str, *overrides: str, env: dict[str, str] | None = None) -> Run:
+    def run(name: str, *overrides: str, env: dict[str, str] | None = None,
+            default: bool = False) -> Run:
         out = root / name
+        base = [f"data.demo_dir={root / 'demo-default'}"] if default else tiny
         proc = subprocess.run([sys.executable, "-m", "simulations.run", *base, *overrides,
                                f"output_dir={out}"], cwd=ROOT, env={**os.environ, **(env or {})},
                               capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -101,9 +103,10 @@ def test_every_site_failing_every_round_fails_the_run_in_one_line(simulate, reco
 
 
 def test_rounds_complete_and_accuracy_holds_when_30_percent_of_sites_crash(simulate, record):
-    sites = ["partition.num_clients=10", f"strategy.rounds={ROUNDS}"]
-    clean = simulate("clean", *sites)
-    crashed = simulate("crash", *sites, "simulation.crash_fraction=0.3")
+    # The default config (10 sites, 5 rounds), where the clean run converges: on the tiny
+    # towers both runs are still learning and 2 points is below the test set's noise.
+    clean = simulate("clean", default=True)
+    crashed = simulate("crash", "simulation.crash_fraction=0.3", default=True)
     assert clean.code == 0, clean.stderr[-2000:]
     assert crashed.code == 0, crashed.stderr[-2000:]
     rows = crashed.rows[1:]
