@@ -166,7 +166,7 @@ echo "[e2e] private keys: server.key in the server only, each site's key in its 
 
 phase "train: 2 rounds over TLS + node authentication (fedmm train in a container)"
 t=$SECONDS
-"${COMPOSE[@]}" run --rm -T train strategy.rounds=2 strategy.local_epochs=1 device=cpu \
+"${COMPOSE[@]}" run --rm -T train strategy.rounds=2 train.epochs=1 device=cpu \
     >"$LOGS/train.log" 2>&1 || { tail -40 "$LOGS/train.log"; fail "fedmm train"; }
 timing+=("train $(elapsed $t)")
 grep -E "test acc" "$LOGS/train.log" | tail -n 2 || true
