@@ -63,13 +63,13 @@ def main() -> None:
                         choices=["concat", "gated", "late"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    baseline = None
+    cnn_steady: dict[str, float] = {}  # fusion -> the CNN model's steady round (first model)
     for (name, model), fusion in itertools.product(MODELS.items(), args.fusions):
         overrides = [*model, f"model.fusion={fusion}"]
         if fusion == "gated" and load_config(model).model.projection_dim == 0:
             overrides.append("model.projection_dim=64")  # gates mix projections of one width
         first, steady, n, cached = site_round_seconds(overrides, args.rows, args.rounds, True)
-        baseline = baseline or steady
+        baseline = cnn_steady.setdefault(fusion, steady)
         line = {"figure": "site_round_s", "model": name, "fusion": fusion, "rows": n,
                 "first_round_s": round(first, 2), "steady_round_s": round(steady, 2),
                 "samples_per_s": round(3 * n / steady, 1),
