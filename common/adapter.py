@@ -8,6 +8,8 @@ wrap these dicts in Flower records.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -68,20 +70,27 @@ def state_bytes(state: dict[str, np.ndarray] | dict[str, torch.Tensor]) -> int:
 
 
 def rejection_reason(reference: dict[str, tuple[int, ...]], update: dict[str, np.ndarray],
-                     num_examples: float) -> str | None:
-    """Why a site's update must not be aggregated (None if it is fit to aggregate)."""
+                     num_examples: float, check_finite: bool = True) -> str | None:
+    """Why a site's update must not be aggregated (None if it is fit to aggregate); NaN/Inf
+    are left to the caller when `check_finite` is off (`nonfinite_key` finds them)."""
     problem = layout_problem(reference, update)
     if problem:
         return problem
     for key in reference:
         value = update[key]
-        if not np.issubdtype(value.dtype, np.floating):
+        if value.dtype.kind != "f":
             return f"{key}: dtype {value.dtype} is not floating point"
-        if not np.all(np.isfinite(value)):
-            return f"{key}: holds NaN or Inf"
+    key = nonfinite_key(update, reference) if check_finite else None
+    if key is not None:
+        return f"{key}: holds NaN or Inf"
     if not (num_examples > 0 and np.isfinite(num_examples)):
         return f"num-examples must be a positive number (got {num_examples})"
     return None
+
+
+def nonfinite_key(update: dict[str, np.ndarray], keys: Iterable[str]) -> str | None:
+    """The first of `keys` whose array holds NaN or Inf, or None."""
+    return next((k for k in keys if not np.isfinite(update[k]).all()), None)
 
 
 def set_lora_a_trainable(model: torch.nn.Module, trainable: bool) -> None:

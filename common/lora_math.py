@@ -90,11 +90,13 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float] | np.nd
         raise ValueError("weighted_mean of no arrays")
     p = _weights(weights, len(arrays))
     shape = np.shape(arrays[0])
-    acc = np.zeros(shape, dtype=np.float64)
+    acc, term = np.zeros(shape, dtype=np.float64), np.empty(shape, dtype=np.float64)
     for i, (x, pk) in enumerate(zip(arrays, p)):
         if np.shape(x) != shape:
             raise ValueError(f"array {i} has shape {np.shape(x)}, array 0 has {shape}")
-        acc += pk * np.asarray(x, dtype=np.float64)
+        term[...] = x  # (one float64 buffer for every site's term)
+        term *= pk
+        acc += term
     return acc.astype(np.float32)
 
 
@@ -161,11 +163,13 @@ def aggregate_naive(states: Sequence[State], weights: Sequence[float]) -> State:
 
 
 def aggregate_exact(
-    states: Sequence[State], weights: Sequence[float], scaling: float
+    states: Sequence[State], weights: Sequence[float], scaling: float,
+    mean: State | None = None
 ) -> tuple[State, dict[str, np.ndarray]]:
-    """Average factors and return per-layer residuals R so base + R + s B̄Ā = base + Σ p_k ΔW_k."""
+    """Average factors and return per-layer residuals R so base + R + s B̄Ā = base + Σ p_k ΔW_k
+    (`mean`: the states' weighted mean, where the caller has it already)."""
     p = _weights(weights, len(states))
-    adapter = aggregate_naive(states, p)
+    adapter = aggregate_naive(states, p) if mean is None else mean
     residuals: dict[str, np.ndarray] = {}
     for prefix, (a_key, b_key) in lora_pairs(adapter).items():
         target = mixed_delta_w(states, p, prefix, scaling)  # (out, in)
@@ -292,7 +296,7 @@ def fit_rank(state: State, rank: int, alpha: float) -> State:
 
 def pair_rank_problem(state: State, reference: dict[str, tuple[int, ...]]) -> str | None:
     """Why the LoRA pairs of `state` do not fit `reference` up to their rank, or None."""
-    for a_key, b_key in lora_pairs({k: np.empty(0) for k in reference}).values():
+    for a_key, b_key in lora_pairs(reference).values():
         if a_key not in state or b_key not in state:
             continue  # missing keys are reported by the caller's key check
         a, b = np.shape(state[a_key]), np.shape(state[b_key])

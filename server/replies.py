@@ -40,7 +40,7 @@ class DecodedArray(Array):
         return np.array(self.__dict__["_fedmm_value"])
 
 
-_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_LAYOUTS: dict[tuple[str, tuple[int, ...]], tuple[bytes, np.dtype, int, int]] = {}
 
 
 def decode_array(value: Array) -> np.ndarray:
@@ -48,23 +48,24 @@ def decode_array(value: Array) -> np.ndarray:
     its dtype and shape (np.load's header parsing costs more than the mean of 100 replies),
     else Flower's own decoding."""
     data, shape = value.data, tuple(value.shape)
-    try:
-        key = (np.dtype(value.dtype).str, shape)
-    except TypeError:
-        return value.numpy()
-    if key not in _HEADERS:
-        if len(_HEADERS) > 4096:  # bounded, whatever shapes replies claim
-            _HEADERS.clear()
+    layout = _LAYOUTS.get((value.dtype, shape))
+    if layout is None:
+        try:
+            dtype = np.dtype(value.dtype)
+        except TypeError:
+            return value.numpy()
+        if len(_LAYOUTS) > 4096:  # bounded, whatever shapes replies claim
+            _LAYOUTS.clear()
         header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": key[0], "fortran_order": False,
+        np.lib.format.write_array_header_1_0(header, {"descr": dtype.str, "fortran_order": False,
                                                       "shape": shape})
-        _HEADERS[key] = header.getvalue()
-    header = _HEADERS[key]
-    count = math.prod(shape)
-    if (value.stype != "numpy.ndarray" or not data.startswith(header)
-            or len(data) != len(header) + count * np.dtype(key[0]).itemsize):
+        count = math.prod(shape)
+        layout = header.getvalue(), dtype, count, len(header.getvalue()) + count * dtype.itemsize
+        _LAYOUTS[(value.dtype, shape)] = layout
+    header, dtype, count, size = layout
+    if value.stype != "numpy.ndarray" or len(data) != size or not data.startswith(header):
         return value.numpy()
-    return np.frombuffer(data, key[0], count, len(header)).reshape(shape)
+    return np.frombuffer(data, dtype, count, len(header)).reshape(shape)
 
 
 def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -113,9 +114,10 @@ def uploaded_bytes(msg: Message) -> int:
 
 def reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
                    rank_flexible: bool = False,
-                   arrays: Callable[[Message], dict[str, np.ndarray]] | None = None
-                   ) -> str | None:
-    """Why a train reply cannot be aggregated, or None (LoRA ranks may vary if flexible)."""
+                   arrays: Callable[[Message], dict[str, np.ndarray]] | None = None,
+                   check_finite: bool = True) -> str | None:
+    """Why a train reply cannot be aggregated, or None (LoRA ranks may vary if flexible;
+    NaN/Inf left to the caller when `check_finite` is off)."""
     if msg.has_error():
         return f"client error: {client_error(msg.error.reason)}"
     content = msg.content
@@ -136,4 +138,4 @@ def reply_problem(msg: Message, expected: dict[str, tuple[int, ...]],
             return problem
         expected = {k: (np.shape(update[k]) if ".lora_" in k and k in update else s)
                     for k, s in expected.items()}
-    return rejection_reason(expected, update, num_examples)
+    return rejection_reason(expected, update, num_examples, check_finite)

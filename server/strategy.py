@@ -11,7 +11,8 @@ goes on with the rest, and the global state is never touched by it. A compressed
 LoRA modes (`strategy.lora_aggregation`, math in common/lora_math.py):
   naive  Flower's aggregation of every tensor, A and B separately (FedIT baseline); for
          fedavg/fedprox without DP the same weighted mean is taken here (float64 accumulation)
-         on the arrays screening decoded, so each reply is decoded once.
+         on the arrays screening decoded, so each reply is decoded once; it doubles as the
+         NaN/Inf screen (finite exactly when every reply is; one by one only when it is not).
   ffa    sites freeze A (shared seed) and upload the rest; the server re-inserts the global A.
   exact  FedEx-LoRA: mean A, mean B, and the residual mean(s·B_k·A_k) - s·mean(B)·mean(A)
          folded into the frozen base weights, sent to sites beside the adapter.
@@ -39,6 +40,7 @@ from flwr.serverapp import strategy as flower
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
+from common.adapter import nonfinite_key
 from common.compression import CompressionError, decompress
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, aggregate_naive, delta_w,
                               lora_pairs, norm_bounded_mean, refactor_like, reweight_towers,
@@ -129,6 +131,7 @@ class ScreenedStrategy(Strategy):
         # fedavg/fedprox without DP: the weighted mean is taken here, on arrays decoded once
         self.own_mean = self.traits.kind == "mean" and not central_dp
         self._decoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
+        self._mean: tuple[list[int], dict[str, np.ndarray]] = ([], {})  # screening's, by reply
         self.round_offset = 0  # a resumed run: rounds completed before this ServerApp started
         self.sent: list[Message] = []  # this round's train messages
 
@@ -219,15 +222,21 @@ class ScreenedStrategy(Strategy):
         for node in sorted({m.metadata.dst_node_id for m in self.sent} - set(nodes)):
             stats.reasons.append(f"node {node}: no reply within strategy.round_timeout_s="
                                  f"{self.cfg.round_timeout_s:g}")
+        verdicts = []  # [reply, node, bytes as sent, why it is rejected or None]
         for msg, node in zip(replies, nodes):
             uploaded = uploaded_bytes(msg)
             reason = self.decompress(msg, expected)
-            reason = reason or reply_problem(msg, expected, self.rank_flexible, self.arrays)
+            reason = reason or reply_problem(msg, expected, self.rank_flexible, self.arrays,
+                                             check_finite=not self.own_mean)
             if reason is None and self.cfg.max_update_norm > 0:
                 state = self.arrays(msg)
                 norm = update_norm(state, {k: self.global_state[k] for k in state})
                 if norm > self.cfg.max_update_norm:
                     reason = f"update norm {norm:.3g} exceeds strategy.max_update_norm"
+            verdicts.append([msg, node, uploaded, reason])
+        if self.own_mean:
+            self.check_finite_by_mean(verdicts)
+        for msg, node, uploaded, reason in verdicts:
             if reason is not None:
                 stats.rejected += 1
                 stats.reasons.append(f"node {node}: {reason}")
@@ -251,6 +260,26 @@ class ScreenedStrategy(Strategy):
         note_site_epsilon(stats, [m.content[keys.METRICS] for m in kept])
         note_site_timings(stats, [m.content[keys.METRICS] for m in kept])
         return kept
+
+    def check_finite_by_mean(self, verdicts: list[list]) -> None:
+        """Reject the replies holding NaN/Inf, in one pass when none does: the float64 mean of
+        float32 arrays with positive weights is finite exactly when every array is. The mean
+        is kept for `aggregate_mean`; replies are checked one by one only when it is not finite.
+        """
+        fit = [v for v in verdicts if v[3] is None]
+        states = [self.arrays(v[0]) for v in fit]
+        try:
+            mean = aggregate_naive(states, [float(v[0].content[keys.METRICS][keys.NUM_EXAMPLES])
+                                            for v in fit]) if fit else {}
+        except ValueError:  # LoRA ranks differ between sites: no common mean
+            mean = None
+        if mean is not None and nonfinite_key(mean, mean) is None:
+            self._mean = ([id(v[0]) for v in fit], mean)
+            return
+        for verdict, state in zip(fit, states):
+            key = nonfinite_key(state, state)
+            if key is not None:
+                verdict[3] = f"{key}: holds NaN or Inf"
 
     def decompress(self, msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
         """Replace a compressed update by the plain adapter global + Δ; why it cannot be, or None."""
@@ -282,6 +311,7 @@ class ScreenedStrategy(Strategy):
             return self._aggregate_train(server_round, replies)
         finally:
             self._decoded.clear()
+            self._mean = ([], {})
             self.round_stats[server_round].aggregate_s = round(time.perf_counter() - started, 4)
 
     def _aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -376,16 +406,24 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_mean(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FedAvg: the num-examples-weighted mean of every tensor (float64 accumulation)."""
-        states = [self.arrays(m) for m in kept]
-        weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
-        return (to_record(aggregate_naive(states, weights)),
+        mean = self.screened_mean(kept)
+        if mean is None:
+            mean = aggregate_naive([self.arrays(m) for m in kept],
+                                   [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept])
+        return (to_record(mean),
                 aggregate_train_metrics(self.inner, [m.content for m in kept]))
+
+    def screened_mean(self, kept: list[Message]) -> dict[str, np.ndarray] | None:
+        """The weighted mean screening took of exactly these replies, or None."""
+        ids, mean = self._mean
+        return mean if ids == [id(m) for m in kept] else None
 
     def aggregate_exact(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FedEx-LoRA: average the factors, fold the residual into the base weights."""
         states = [self.arrays(m) for m in kept]
         weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
-        state, residual = aggregate_exact(states, weights, self.lora_alpha / self.lora_rank)
+        state, residual = aggregate_exact(states, weights, self.lora_alpha / self.lora_rank,
+                                          self.screened_mean(kept))
         for prefix, r in residual.items():
             self.state.residuals[prefix] = self.state.residuals.get(prefix, 0) + r
         return to_record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
