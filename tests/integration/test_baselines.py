@@ -15,8 +15,9 @@ from simulations.run import prepare
 @pytest.fixture(scope="module")
 def skewed(tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
-    return prepare(load_config([
-        f"data.demo_dir={root / 'demo'}", "data.demo_train=600", "data.demo_test=120",
+    return prepare(load_config([  # frozen pretrained towers: the head learns the task quickly
+        "model=lite0_minilm_dp", f"data.demo_dir={root / 'demo'}", "data.demo_train=600",
+        "data.demo_test=120",
         "partition.num_clients=3", "partition.alpha=0.1", "partition.min_partition_size=20",
         "strategy.rounds=2", "train.epochs=3", "strategy.min_train_nodes=2",
         "strategy.min_available_nodes=2", f"output_dir={root / 'run'}"]))
