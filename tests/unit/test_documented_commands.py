@@ -20,7 +20,8 @@ SOURCES = {
 
 
 def documented_overrides() -> list[tuple[str, list[str]]]:
-    """(where, overrides) for each documented command; a sweep's `a,b` keeps its first value."""
+    """(where, overrides) for each documented command; a sweep's `a,b` or `[a],[b,c]` keeps its
+    first value."""
     found = []
     for name, lead in SOURCES.items():
         text = (ROOT / name).read_text().replace("\\\n", " ")
@@ -32,7 +33,8 @@ def documented_overrides() -> list[tuple[str, list[str]]]:
                 tokens = shlex.split(match[1].split(" #")[0].split("|")[0].replace("`", " "))
             except ValueError:  # an unbalanced quote in prose
                 continue
-            overrides = [re.sub(r"=([^\[\],]+),[^\[\]]*$", r"=\1", t) for t in tokens
+            overrides = [re.sub(r"=(\[[^\]]*\]),\[.*$", r"=\1",  # a sweep of lists: the first
+                                re.sub(r"=([^\[\],]+),[^\[\]]*$", r"=\1", t)) for t in tokens
                          if re.fullmatch(r"[a-z_][\w.]*=\S*", t) and not re.search(r"[$<]|\.\.\.", t)]
             if overrides:
                 found.append((f"{name}: {' '.join(overrides)}", overrides))
