@@ -37,20 +37,20 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from common import keys
 from common.adapter import nonfinite_key
 from common.compression import CompressionError, decompress
 from common.lora_math import (aggregate_exact, aggregate_heterogeneous, aggregate_naive, delta_w,
-                              lora_pairs, norm_bounded_mean, refactor_like, reweight_towers,
-                              update_norm)
+                              lora_pairs, refactor_like, reweight_towers, update_norm)
 from common.privacy import expected_sampled_sites, gaussian_sum_release, poisson_sample
 from common.rules import value_at
 from common.schema import CENTRAL_DP, Config, StrategyConfig
 from common.strategies import LORA_MODES, site_only, traits
 from server.flower_state import (aggregate_train_metrics, read_optimizer_state,
                                  write_optimizer_state)
+from server.normbounded import NormBoundedFedAvg
 from server.replies import (DecodedArray, decode_arrays, reply_problem, site_results,
                             to_record, uploaded_bytes)
 
@@ -441,32 +441,6 @@ def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
 def note_site_timings(stats: RoundStats, metrics: list) -> None:
     """Keep the start-up seconds (message start to first step) the sites of a round reported."""
     stats.site_startups = [float(m[keys.SITE_STARTUP]) for m in metrics if keys.SITE_STARTUP in m]
-
-
-class NormBoundedFedAvg(FedAvg):
-    """FedAvg of updates clipped to a norm bound (default: the round's median update norm)."""
-
-    def __init__(self, *, norm_bound: float = 0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.norm_bound = norm_bound
-        self.current: dict[str, np.ndarray] = {}
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.current = decode_arrays(arrays)  # the global adapter the updates are measured from
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = [m for m in replies if not m.has_error()]
-        if not replies:
-            return None, None
-        states = [decode_arrays(m.content[keys.ARRAYS]) for m in replies]
-        weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in replies]
-        state, bound = norm_bounded_mean(states, weights, self.current, self.norm_bound or None)
-        log.info("round %d: updates clipped to norm %.4g", server_round, bound)
-        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
-        return to_record(state), metrics
 
 
 def strategy_args(cfg: Config) -> dict:
