@@ -6,8 +6,8 @@ A simulation worker (a Ray actor) is long-lived: common.task.cached_bundle build
 once and the site's encoded data and cached stems are kept between its messages. This calls the
 real ClientApp (client/warm.py, as Flower does) on real train Messages for `--sites` sites of
 the default task in each of `--federations` (FEDERATIONS: the default 10 sites, ~200 rows a
-site; 100 IID sites of ~20 rows, the many small sites of central DP), after a first message has filled the caches,
-three ways:
+site; 100 IID sites of ~20 rows, the many small sites of central DP), after a first message has
+filled the caches, three ways:
     cached           as in a simulation
     rebuild          the backbone rebuilt for every message (data and stems still cached)
     rebuild + data   backbone, encoded data and stems rebuilt for every message: what a
@@ -31,7 +31,7 @@ from benchmarks.measure import emit
 from client.warm import app
 from common import keys
 from common.adapter import adapter_state, to_numpy
-from common.config import load_config, to_json
+from common.config import Config, load_config, to_json
 from common.task import cached_bundle, resolve_data
 
 WAYS = ("cached", "rebuild", "rebuild + data")
@@ -57,7 +57,7 @@ def main() -> None:
         measure(resolve_data(load_config(FEDERATIONS[name])), args.sites)
 
 
-def measure(cfg, sites: int) -> None:
+def measure(cfg: Config, sites: int) -> None:
     """The three ways for `sites` sites of the federation `cfg`; one JSON line per way."""
     initial = to_numpy(adapter_state(cached_bundle(cfg.model, cfg.data.labels).model))
     contexts = [Context(run_id=1, node_id=1, node_config={

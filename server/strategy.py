@@ -269,8 +269,7 @@ class ScreenedStrategy(Strategy):
         fit = [v for v in verdicts if v[3] is None]
         states = [self.arrays(v[0]) for v in fit]
         try:
-            mean = aggregate_naive(states, [float(v[0].content[keys.METRICS][keys.NUM_EXAMPLES])
-                                            for v in fit]) if fit else {}
+            mean = aggregate_naive(states, example_counts([v[0] for v in fit])) if fit else {}
         except ValueError:  # LoRA ranks differ between sites: no common mean
             mean = None
         if mean is not None and nonfinite_key(mean, mean) is None:
@@ -391,7 +390,7 @@ class ScreenedStrategy(Strategy):
     def aggregate_ranks(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FlexLoRA: weighted mean of the sites' ΔW, re-factored to the global rank by SVD."""
         states = [self.arrays(m) for m in kept]
-        weights = np.array([float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept])
+        weights = np.array(example_counts(kept))
         scalings = [self.lora_alpha / self._rank(m) for m in kept]
         state, errors = aggregate_heterogeneous(states, weights, scalings, self.lora_rank,
                                                 self.lora_alpha / self.lora_rank)
@@ -408,8 +407,7 @@ class ScreenedStrategy(Strategy):
         """FedAvg: the num-examples-weighted mean of every tensor (float64 accumulation)."""
         mean = self.screened_mean(kept)
         if mean is None:
-            mean = aggregate_naive([self.arrays(m) for m in kept],
-                                   [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept])
+            mean = aggregate_naive([self.arrays(m) for m in kept], example_counts(kept))
         return (to_record(mean),
                 aggregate_train_metrics(self.inner, [m.content for m in kept]))
 
@@ -421,12 +419,16 @@ class ScreenedStrategy(Strategy):
     def aggregate_exact(self, kept: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """FedEx-LoRA: average the factors, fold the residual into the base weights."""
         states = [self.arrays(m) for m in kept]
-        weights = [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in kept]
-        state, residual = aggregate_exact(states, weights, self.lora_alpha / self.lora_rank,
+        state, residual = aggregate_exact(states, example_counts(kept), self.lora_alpha / self.lora_rank,
                                           self.screened_mean(kept))
         for prefix, r in residual.items():
             self.state.residuals[prefix] = self.state.residuals.get(prefix, 0) + r
         return to_record(state), aggregate_train_metrics(self.inner, [m.content for m in kept])
+
+
+def example_counts(replies: list[Message]) -> list[float]:
+    """Each reply's num-examples, the weight of its update in a mean."""
+    return [float(m.content[keys.METRICS][keys.NUM_EXAMPLES]) for m in replies]
 
 
 def note_site_epsilon(stats: RoundStats, metrics: list) -> None:
