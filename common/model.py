@@ -100,6 +100,18 @@ def _mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
                          nn.Dropout(0.1), nn.Linear(hidden, out))
 
 
+class UnitNorm(nn.Module):
+    """LayerNorm without parameters, scaled by 1/sqrt(D): every row's features get norm 1."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.scale = dim ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.scale
+
+
 class FusionHead(nn.Module):
     """Fuse tower features (B, D_m) into logits (B, C); rows may miss some modalities.
 
@@ -109,13 +121,18 @@ class FusionHead(nn.Module):
             (a Gated Multimodal Unit, Arevalo et al. 2017, for any number of modalities)
     late    one classifier per modality; logits averaged over the modalities a row has
     `projection_dim > 0` first maps every tower's features to that width (smaller uploads).
+    `feature_norm` first scales every tower's features to unit norm (a parameterless LayerNorm
+    / sqrt(D)): under DP's per-sample clipping each tower's gradients then weigh alike, where
+    raw Lite0 features (norm ~35) would crowd out MiniLM's (~5) in the clipped budget.
     """
 
     def __init__(self, dims: dict[str, int], fusion: str, projection_dim: int,
-                 fusion_dim: int, num_labels: int):
+                 fusion_dim: int, num_labels: int, feature_norm: bool = False):
         super().__init__()
         self.order = [m for m in TOWER_ORDER if m in dims]
         self.fusion = fusion
+        self.feature_norms = nn.ModuleDict({m: UnitNorm(dims[m]) for m in self.order}
+                                           if feature_norm else {})
         self.projections = nn.ModuleDict({m: nn.Linear(dims[m], projection_dim)
                                           for m in self.order} if projection_dim else {})
         width = {m: projection_dim or dims[m] for m in self.order}
@@ -140,6 +157,8 @@ class FusionHead(nn.Module):
         for m in self.order:
             present[m] = masks[m].unsqueeze(-1)  # (B, 1)
             f = features[m]
+            if f is not None and m in self.feature_norms:
+                f = self.feature_norms[m](f)  # (B, D), unit norm
             if f is not None and m in self.projections:
                 f = self.projections[m](f)  # (B, P)
             feats[m] = f
@@ -251,7 +270,7 @@ def build_backbone(cfg: ModelConfig, num_labels: int) -> tuple[MultimodalClassif
     for tower in towers.values():
         tower.requires_grad_(False)
     head = FusionHead({m: t.out_dim for m, t in towers.items()}, cfg.fusion, cfg.projection_dim,
-                      cfg.fusion_dim, num_labels)
+                      cfg.fusion_dim, num_labels, cfg.feature_norm)
     targets = [f"towers.{m}.{name}" for m, t in towers.items() for name in t.lora_targets]
     modules_to_save = ["fusion_head"] + [f"towers.{m}" for m, t in towers.items()
                                   if isinstance(t, SmallCNN)]

@@ -80,6 +80,7 @@ class ModelConfig:
     fusion: str = spec(one_of=("concat", "gated", "late"))  # how the head fuses the towers
     projection_dim: int = spec(ge=0)  # each tower's features projected to this width (0: none)
     fusion_dim: int = spec(gt=0)
+    feature_norm: bool  # each tower's features LayerNorm-ed to unit norm before the head
     # None: the modality columns of the training manifest (common/task.py::resolve_data)
     modalities: tuple[str, ...] | None = spec(subset_of=MODALITIES, nonempty=True)
 
@@ -204,6 +205,7 @@ class PrivacyConfig:
     target_epsilon: float = spec(ge=0)    # > 0: solve noise_multiplier before the run
     delta: float = spec(gt=0, lt=1)
     clipping_norm: float = spec(gt=0)
+    per_layer_clipping: bool              # local DP-SGD: each tensor clipped to C / sqrt(L)
     target_clipped_quantile: float = spec(**UNIT)
     clip_norm_lr: float = spec(gt=0)
     clipped_count_stddev: float = spec(ge=0)  # 0: Flower's default, num_sampled / 20

@@ -59,3 +59,22 @@ def test_gated_fusion_needs_projections(tiny_text_dir):
     with pytest.raises(ConfigError, match="^model.projection_dim"):
         load_config(tiny_overrides(tiny_text_dir) + ["model.fusion=gated",
                                                     "model.projection_dim=0"])
+
+
+def test_feature_norm_makes_the_head_blind_to_a_towers_feature_scale():
+    """`model.feature_norm`: a tower's features x100 leave the logits as they were (each tower
+    weighs alike in a per-sample clipped gradient); without it they change. No tensor is added,
+    so adapters saved either way keep the same keys."""
+    from common.model import FusionHead
+    dims = {"text": 12, "image": 40}
+    feats = {"text": torch.randn(5, 12), "image": torch.randn(5, 40) * 30 + 2}
+    masks = {m: torch.ones(5, dtype=torch.bool) for m in dims}
+    louder = {**feats, "image": feats["image"] * 100}
+    for norm in (True, False):
+        torch.manual_seed(0)
+        head = FusionHead(dims, "concat", 8, 16, 6, feature_norm=norm).eval()
+        same = torch.allclose(head(feats, masks), head(louder, masks), atol=1e-5)
+        assert same is norm
+        keys = set(head.state_dict())
+    torch.manual_seed(0)
+    assert set(FusionHead(dims, "concat", 8, 16, 6, feature_norm=True).state_dict()) == keys
