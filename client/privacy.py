@@ -82,7 +82,8 @@ def local_dp_train(site: Site, context: Context) -> dict:
         z = local_noise_multiplier(p.target_epsilon, len(site.train), train.batch_size,
                                    train.epochs, cfg.strategy.rounds, p.delta)
     metrics = train_local_dp(site.bundle, site.train, train, noise_multiplier=z,
-                             max_grad_norm=p.clipping_norm, seed=site.seed, device=site.device)
+                             max_grad_norm=p.clipping_norm, seed=site.seed, device=site.device,
+                             per_layer=p.per_layer_clipping)
     state = context.state.metric_records.get(LOCAL_DP_STATE, MetricRecord({"steps": 0}))
     steps = int(state["steps"]) + int(metrics["steps"])
     context.state.metric_records[LOCAL_DP_STATE] = MetricRecord({"steps": steps})

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from torch import nn
 
 from common.encoded import Encoded
@@ -33,15 +33,26 @@ UNSUPPORTED = "placeholders."  # the head's bare nn.Parameters (a ParameterDict)
 @contextmanager
 def per_sample_clipping(model: nn.Module, optimizer: torch.optim.Optimizer, *,
                         noise_multiplier: float, max_grad_norm: float,
-                        expected_batch_size: int) -> Iterator[tuple[nn.Module, DPOptimizer]]:
-    """Wrap `model` for per-sample gradients and `optimizer` for clipping + noise; undo after."""
+                        expected_batch_size: int, per_layer: bool = False
+                        ) -> Iterator[tuple[nn.Module, DPOptimizer]]:
+    """Wrap `model` for per-sample gradients and `optimizer` for clipping + noise; undo after.
+
+    `per_layer`: each of the L trainable tensors is clipped to max_grad_norm / sqrt(L) on its
+    own (Opacus's per-layer clipping), so a sample's whole gradient is still within
+    max_grad_norm and the noise and the accounting are unchanged.
+    """
     frozen = [p for n, p in model.named_parameters() if p.requires_grad and UNSUPPORTED in n]
     for p in frozen:
         p.requires_grad_(False)
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                               max_grad_norm=max_grad_norm,
-                               expected_batch_size=expected_batch_size, loss_reduction="mean")
+    common = dict(noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
+                  loss_reduction="mean")
+    if per_layer:
+        count = sum(p.requires_grad for g in optimizer.param_groups for p in g["params"])
+        dp_optimizer = DPPerLayerOptimizer(optimizer, max_grad_norm=[max_grad_norm / count ** 0.5]
+                                           * count, **common)
+    else:
+        dp_optimizer = DPOptimizer(optimizer, max_grad_norm=max_grad_norm, **common)
     try:
         yield wrapped, dp_optimizer
     finally:
@@ -52,7 +63,8 @@ def per_sample_clipping(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 
 def train_local_dp(bundle: Bundle, data: Encoded, train: TrainConfig, *,
                    noise_multiplier: float, max_grad_norm: float, seed: int = 0,
-                   device: torch.device | None = None) -> dict[str, float]:
+                   device: torch.device | None = None, per_layer: bool = False
+                   ) -> dict[str, float]:
     """DP-SGD (AdamW on privatised gradients) for `train.epochs`; return loss, counts, steps.
 
     The options DP-SGD cannot honour per sample are refused by the config rules
@@ -78,7 +90,8 @@ def train_local_dp(bundle: Bundle, data: Encoded, train: TrainConfig, *,
     steps = local_steps(n, batch_size, train.epochs)
     with per_sample_clipping(model, optimizer, noise_multiplier=noise_multiplier,
                              max_grad_norm=max_grad_norm,
-                             expected_batch_size=batch_size) as (wrapped, dp_optimizer):
+                             expected_batch_size=batch_size, per_layer=per_layer
+                             ) as (wrapped, dp_optimizer):
         trainable = [p for p in params if p.requires_grad]
         for _ in range(steps):
             idx = torch.nonzero(torch.rand(n, generator=generator) < rate).squeeze(1)  # (b,)

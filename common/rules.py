@@ -174,6 +174,10 @@ RULES: tuple[Rule, ...] = (
          got=_dropout),
     Rule("train.max_grad_norm", lambda c: c.train.max_grad_norm == 0, "0 " + LOCAL_DP
          + "DP-SGD clips each sample to privacy.clipping_norm)", when=_local_dp),
+    Rule("privacy.per_layer_clipping", lambda c: not c.privacy.per_layer_clipping,
+         lambda c: f"false with privacy.dp={c.privacy.dp} (per-layer clipping is wired to local "
+                   "DP-SGD's per-sample gradients; central DP clips each site's whole update)",
+         when=lambda c: not _local_dp(c)),
     Rule("strategy.name", lambda c: traits(c.strategy.name).central_dp,
          lambda c: f"one of {names_where(central_dp=True)} " + CENTRAL.format(c.privacy.dp),
          when=_central_dp),

@@ -112,3 +112,30 @@ def test_dp_sgd_trains_audio_subsets_and_refuses_rows_without_a_modality(tiny_te
     with pytest.raises(ValueError, match="16 of 16 rows have no audio"):
         train_local_dp(build_model(cfg.model, LABELS), random_batch(16), train_options(),
                        noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_per_layer_clipped_step_clips_each_tensor_of_each_sample_to_its_share(bundle):
+    """privacy.per_layer_clipping: every trainable tensor of every sample's gradient is clipped
+    to C / sqrt(L) on its own (reference: plain autograd one sample at a time)."""
+    data, idx = random_batch(4, seed=5), torch.arange(4)
+    per_sample = [_grad(bundle, data, idx[i:i + 1]) for i in range(4)]
+    clip = float(torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in ps.values()))
+                              for ps in per_sample]).median())
+    share = clip / len(per_sample[0]) ** 0.5
+    expected = {n: -sum((share / (ps[n].norm() + 1e-6)).clamp(max=1.0) * ps[n]
+                        for ps in per_sample) / 4 for n in per_sample[0]}
+    before = _trainable(bundle.model)
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    with per_sample_clipping(bundle.model, torch.optim.SGD(params, lr=1.0), noise_multiplier=1e-9,
+                             max_grad_norm=clip, expected_batch_size=4, per_layer=True) as (m, opt):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(m(**model_inputs(bundle, data, idx, CPU)),
+                                    data.labels[idx]).backward()
+        opt.step()
+    after = _trainable(bundle.model)
+    clipped = 0
+    for name, want in expected.items():
+        torch.testing.assert_close(after[name] - before[name], want, rtol=1e-3, atol=1e-6,
+                                   msg=name)
+        clipped += any(float(ps[name].norm()) > share for ps in per_sample)
+    assert clipped > 0  # some tensor of some sample was over its share

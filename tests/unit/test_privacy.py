@@ -94,6 +94,8 @@ def test_secagg_mean_of_flowers_quantised_uploads_is_within_the_bound(seed):
     (["privacy=local_dp", "train.absent_class_scale=0"], "train.absent_class_scale"),
     (["privacy=local_dp", "train.modality_dropout_text=0.5"], "train.modality_dropout_text"),
     (["privacy=local_dp", "train.max_grad_norm=1"], "train.max_grad_norm"),
+    (["privacy=central_dp", "privacy.per_layer_clipping=true"], "privacy.per_layer_clipping"),
+    (["privacy.per_layer_clipping=true"], "privacy.per_layer_clipping"),
     (["privacy=secagg", "resume=true"], "resume"),
 ])
 def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(overrides, key):
@@ -113,6 +115,7 @@ def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(
     (["privacy=central_dp", "privacy.dp=client_adaptive"], {"privacy.dp": "client_adaptive"}),
     (["privacy=local_dp"], {"privacy.dp": "local", "privacy.secagg": False}),
     (["privacy=local_dp", "privacy.secagg=true"], {"privacy.dp": "local", "privacy.secagg": True}),
+    (["privacy=local_dp", "privacy.per_layer_clipping=true"], {"privacy.per_layer_clipping": True}),
 ])
 def test_linear_modes_compose_with_privacy(overrides, expected):
     cfg = load_config(overrides)
