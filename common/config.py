@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import types
 import typing
@@ -126,8 +127,23 @@ def to_json(config: Config) -> str:
 
 
 def from_json(text: str, check_files: bool = True) -> Config:
-    """Rebuild and re-validate a config that arrived as JSON (no `_target_` is ever honoured)."""
-    return validate(json.loads(text), check_files)
+    """Rebuild and re-validate a config that arrived as JSON (no `_target_` is ever honoured).
+
+    A key added since the config was written (an older run folder's config.json) takes its
+    packaged default, as Hugging Face configs do; new keys default to the earlier behaviour.
+    """
+    return validate(_with_defaults(json.loads(text), _packaged_defaults()), check_files)
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_defaults() -> dict:
+    return json.loads(to_json(load_config([])))
+
+
+def _with_defaults(data: Any, defaults: Any) -> Any:
+    if not (isinstance(data, dict) and isinstance(defaults, dict)):
+        return data
+    return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in data.items()}}
 
 
 def from_run_config(text: str, check_files: bool = True) -> Config:

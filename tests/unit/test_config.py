@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -129,3 +131,17 @@ def test_json_round_trip_is_exact_and_revalidated(default_cfg):
     broken = to_json(default_cfg).replace('"alpha": 0.5', '"alpha": -0.5')
     with pytest.raises(ConfigError, match="partition.alpha"):
         from_json(broken)
+
+
+def test_a_config_json_written_before_a_key_existed_takes_its_default():
+    """An older run folder's config.json lacks keys added since: they take the packaged
+    default; a key the schema does not know is still refused."""
+    cfg = load_config(["model=lite0_minilm_dp", "privacy=local_dp"])
+    older = json.loads(to_json(cfg))
+    del older["model"]["feature_norm"], older["privacy"]["per_layer_clipping"]
+    rebuilt = from_json(json.dumps(older))
+    assert rebuilt.model.feature_norm is False and rebuilt.privacy.per_layer_clipping is False
+    assert rebuilt.model.projection_dim == 8 and rebuilt.privacy.dp == "local"
+    older["model"]["feature_scale"] = 2
+    with pytest.raises(ConfigError, match="model.feature_scale: unknown key"):
+        from_json(json.dumps(older))
