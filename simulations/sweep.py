@@ -3,9 +3,11 @@
     python -m simulations.run -m strategy=fedavg,fedprox partition.alpha=0.1,1.0
 
 writes, in the sweep folder, `comparison.csv` and `comparison.md` (final and best accuracy,
-macro-F1, rounds to the target accuracy, total bytes uploaded, wall time; one row per run) and
-`accuracy.png` (test accuracy against round, one line per run). `write_comparison(sweep_dir)`
-also works on any folder of finished runs.
+macro-F1, rounds to the target accuracy, the worst site's held-out accuracy and the mean
+personalization gain where sites evaluated, total bytes uploaded, wall time; one row per run)
+and `accuracy.png` (test accuracy against round, one line per run; beside it the worst site's
+accuracy per round when any run has per-site figures). `write_comparison(sweep_dir)` also works
+on any folder of finished runs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 COLUMNS = ("run", "final_accuracy", "best_accuracy", "final_macro_f1", "rounds_to_target",
-           "bytes_uploaded", "upload_per_site_round", "site_round_s", "wall_time_s")
+           "worst_site_accuracy", "personal_gain_mean", "bytes_uploaded",
+           "upload_per_site_round", "site_round_s", "wall_time_s")
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -55,11 +58,15 @@ def collect(sweep_dir: Path, target_accuracy: float) -> list[dict[str, Any]]:
                      "best_accuracy": max(r["test_accuracy"] for r in rounds),
                      "final_macro_f1": summary["test_macro_f1"],
                      "rounds_to_target": reached[0] if reached else None,
+                     "worst_site_accuracy": summary.get("site_accuracy_worst"),
+                     "personal_gain_mean": summary.get("personal_gain_mean"),
                      "bytes_uploaded": summary["bytes_uploaded"],
                      "upload_per_site_round": round(summary["bytes_uploaded_per_client_round"]),
                      "site_round_s": summary.get("site_train_s_steady"),
                      "wall_time_s": summary["wall_time_s"],
-                     "curve": [(r["round"], r["test_accuracy"]) for r in rounds]})
+                     "curve": [(r["round"], r["test_accuracy"]) for r in rounds],
+                     "worst_site_curve": [(r["round"], r["site_accuracy_worst"]) for r in rounds
+                                          if "site_accuracy_worst" in r]})
     return rows
 
 
@@ -79,6 +86,8 @@ def write_comparison(sweep_dir: Path, target_accuracy: float = 0.9) -> list[Path
     for row in rows:
         cells = [row["run"], f"{row['final_accuracy']:.3f}", f"{row['best_accuracy']:.3f}",
                  f"{row['final_macro_f1']:.3f}", str(row["rounds_to_target"] or "not reached"),
+                 _maybe(row["worst_site_accuracy"], "{:.3f}"),
+                 _maybe(row["personal_gain_mean"], "{:+.3f}"),
                  f"{row['bytes_uploaded'] / 1e6:.1f} MB",
                  f"{row['upload_per_site_round'] / 1e6:.2f} MB",
                  "-" if row["site_round_s"] is None else f"{row['site_round_s']:.1f}",
@@ -89,6 +98,10 @@ def write_comparison(sweep_dir: Path, target_accuracy: float = 0.9) -> list[Path
     return [csv_path, md_path, png_path]
 
 
+def _maybe(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -96,15 +109,20 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        rounds, accuracy = zip(*row["curve"])
-        ax.plot(rounds, accuracy, marker="o", label=row["run"])
-    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1.02),
-           title="Global model test accuracy per round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("curve", "test accuracy", "Global model test accuracy per round")]
+    if any(row["worst_site_curve"] for row in rows):
+        panels.append(("worst_site_curve", "worst site's held-out accuracy",
+                       "The global model on its worst site, per round"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (key, ylabel, title) in zip(axes[0], panels):
+        for row in rows:
+            if row[key]:
+                rounds, accuracy = zip(*row[key])
+                ax.plot(rounds, accuracy, marker="o", label=row["run"])
+        ax.set(xlabel="round", ylabel=ylabel, ylim=(0, 1.02), title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -41,3 +41,28 @@ def test_table_and_plot_report_each_run(tmp_path):
 
 def test_no_finished_runs_writes_nothing(tmp_path):
     assert write_comparison(tmp_path) == []
+
+
+def test_worst_site_and_personal_gain_columns_and_panel(tmp_path):
+    """Runs with per-site figures add the worst site's accuracy, the mean personalization gain
+    and a second panel (the plot doubles in width); a run without them shows '-'."""
+    _fake_run(tmp_path, "0", [0.2, 0.9], ["personalization=finetune"])
+    summary = json.loads((tmp_path / "0" / "summary.json").read_text())
+    summary.update(site_accuracy_worst=0.625, personal_gain_mean=0.0417)
+    (tmp_path / "0" / "summary.json").write_text(json.dumps(summary))
+    rows = [{"round": 0, "test_accuracy": 0.2, "site_accuracy_worst": 0.1},
+            {"round": 1, "test_accuracy": 0.9, "site_accuracy_worst": 0.625}]
+    (tmp_path / "0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _fake_run(tmp_path, "1", [0.2, 0.8], ["personalization=none"])
+    write_comparison(tmp_path)
+    table = {r["run"]: r for r in csv.DictReader(open(tmp_path / "comparison.csv"))}
+    assert table["personalization=finetune"]["worst_site_accuracy"] == "0.625"
+    assert table["personalization=none"]["worst_site_accuracy"] == ""
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| 0.625 | +0.042 |" in md and "| - | - |" in md
+    with Image.open(tmp_path / "accuracy.png") as wide:
+        width = wide.width
+    (tmp_path / "0" / "metrics.jsonl").write_text('{"round": 0, "test_accuracy": 0.2}\n')
+    write_comparison(tmp_path)
+    with Image.open(tmp_path / "accuracy.png") as narrow:
+        assert width > 1.8 * narrow.width
