@@ -16,17 +16,15 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    PathologicalPartitioner,
-    Partitioner,
-    SizePartitioner,
-)
 
 from common.config import ConfigError, PartitionConfig
+
+if TYPE_CHECKING:  # flwr_datasets imports seaborn: ~1 s of every command's start, so lazily
+    from flwr_datasets.partitioner import Partitioner
 
 OTHER = "other"           # natural, on_small=merge: the site the small sites' rows join
 ROW_ID = "_row_id"        # original row index, carried through every partitioner
@@ -55,6 +53,8 @@ def power_law_sizes(num_rows: int, num_sites: int, power: float) -> list[int]:
 
 def make_partitioner(cfg: PartitionConfig, seed: int, num_rows: int) -> Partitioner:
     """Return the flwr-datasets partitioner that `cfg` names."""
+    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
+                                           PathologicalPartitioner, SizePartitioner)
     if cfg.name == "iid":
         return IidPartitioner(num_partitions=cfg.num_clients)
     if cfg.name == "pathological":
