@@ -24,6 +24,7 @@ SUITE = {  # name -> arguments (sized for a 2-core CPU: the suite stays under 15
     "deployed_startup": [],
     "breakdown": ["strategy.rounds=3"],  # round 1 pays the start-up; 2-3 are the steady state
     "dp_coordinates": [],
+    "dp_clipping": [],
 }
 
 

@@ -26,6 +26,7 @@ SERIES = (  # each a list of (choice, the overrides it adds to the ones above it
      ("+ LoRA in the top 2 text layers", ["model.text.lora_layers=2"]),
      ("+ half-width CNN [8, 16, 32]", ["model.vision.channels=[8,16,32]"]),
      ("+ head of 16 units (= model=minilm_cnn_dp)", ["model.fusion_dim=16"])),
+    (("lite0_minilm_dp: both towers frozen, projections 8, head 16", ["model=lite0_minilm_dp"]),),
 )
 
 
