@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import datasets
