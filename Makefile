@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration faults bench bench-gpu dp-sweep docker-e2e clean
+.PHONY: run test test-unit test-integration faults bench bench-gpu dp-sweep defaults-sweep docker-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ dp-sweep: $(STAMP)
 	$(BIN)/python -m simulations.dp_sweep --dp central --out runs/dp-central -- $(DP_CENTRAL)
 	$(BIN)/python -m simulations.dp_sweep --dp local --out runs/dp-local -- $(DP_LOCAL)
 	$(BIN)/python -m simulations.dp_sweep --dp local --out runs/dp-local-2k -- $(DP_LOCAL_2K)
+
+# Not part of `make test`: the measured choice of the default local-training recipe, recipes ×
+# IID / Dirichlet 0.5 / 0.1 / half the sites image-less / natural sites × seeds, on the default
+# model (README, "Defaults that survive heterogeneity"); ~2 h on 2 CPU cores, resumable.
+defaults-sweep: $(STAMP)
+	$(BIN)/python -m simulations.defaults_sweep --out runs/defaults $(ARGS)
 
 # Not part of `make test`: builds the images (offline, from docker/wheelhouse) and trains a
 # federation of containers under a Docker daemon of its own (root; README, "Deploy with Docker").

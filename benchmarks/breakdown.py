@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.measure import emit
 from common.config import load_config
-from simulations.run import launch, prepare
+from simulations.federation import launch, prepare
 
 
 def main() -> None:

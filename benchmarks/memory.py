@@ -2,7 +2,7 @@
 
     python -m benchmarks.memory [--sites 10 200] [--trained 4] [hydra overrides ...]
 
-Each federation is a real `flwr run` on Flower's simulation engine (simulations.run.launch):
+Each federation is a real `flwr run` on Flower's simulation engine (simulations.federation.launch):
 the default model on the default demo data split IID over `--sites` sites, one round in which
 `--trained` sites train one epoch (the same work for either size: what grows is only the number
 of virtual sites Flower and fedmm keep track of). A sampler sums, once a second, the memory of
@@ -23,7 +23,7 @@ import psutil
 
 from benchmarks.measure import emit
 from common.config import load_config
-from simulations.run import launch, prepare
+from simulations.federation import launch, prepare
 
 
 class PeakMemory:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from common.config import load_config
-from simulations.run import launch, prepare
+from simulations.federation import launch, prepare
 
 
 def main() -> None:

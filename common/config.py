@@ -29,7 +29,7 @@ from common.schema import (CENTRAL_DP, CONF_DIR, MODALITIES, Config,
 __all__ = ["CENTRAL_DP", "CONF_DIR", "MODALITIES", "Config",
            "ConfigError", "DataConfig", "ModelConfig", "PartitionConfig", "PrivacyConfig",
            "SimulationConfig", "SkewConfig", "StrategyConfig", "TrainConfig", "from_json",
-           "from_run_config", "load_config", "to_json", "validate", "build"]
+           "from_run_config", "load_config", "packaged_defaults", "to_json", "validate", "build"]
 
 
 def load_config(overrides: list[str] | None = None) -> Config:
@@ -132,11 +132,12 @@ def from_json(text: str, check_files: bool = True) -> Config:
     A key added since the config was written (an older run folder's config.json) takes its
     packaged default, as Hugging Face configs do; new keys default to the earlier behaviour.
     """
-    return validate(_with_defaults(json.loads(text), _packaged_defaults()), check_files)
+    return validate(_with_defaults(json.loads(text), packaged_defaults()), check_files)
 
 
 @functools.lru_cache(maxsize=1)
-def _packaged_defaults() -> dict:
+def packaged_defaults() -> dict:
+    """The packaged default config as plain JSON data (composed once per process)."""
     return json.loads(to_json(load_config([])))
 
 

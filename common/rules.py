@@ -64,6 +64,9 @@ def _missing_skews(c: Config) -> dict:
     return {k: v for k, v in vars(c.skew).items() if k.startswith("missing_") and v > 0}
 
 
+# The local-training options DP-SGD refuses (rules below); privacy=local_dp turns them off.
+DP_SGD_OFF = ("proximal_mu", "absent_class_scale", "modality_dropout_text",
+              "modality_dropout_image", "modality_dropout_audio", "max_grad_norm")
 MEAN = names_where(linear=True)
 LOCAL_DP = "with privacy.dp=local ("
 CENTRAL = ("with privacy.dp={} (the DP wrappers clip and noise one uniform mean of "
@@ -136,6 +139,8 @@ RULES: tuple[Rule, ...] = (
     Rule("simulation.straggler_s", lambda c: c.simulation.straggler_s > 0,
          "> 0 with simulation.straggler_sites set",
          when=lambda c: bool(c.simulation.straggler_sites)),
+    Rule("strategy.name", lambda c: c.strategy.name != "fedprox", "other than fedprox " + LOCAL_DP
+         + "the proximal term is not a per-sample loss)", when=_local_dp),
     Rule("train.proximal_mu", lambda c: c.train.proximal_mu > 0, "> 0 with strategy=fedprox",
          when=lambda c: c.strategy.name == "fedprox"),
     Rule("skew", lambda c: not _absent_modality_skews(c),

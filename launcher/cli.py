@@ -108,12 +108,12 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Submit a run (or resume one) and wait for it."""
+    if args.insecure == bool(args.ca):
+        raise DeployError("give --ca CA_CERT (TLS) or --insecure")
     from launcher.deployment import train
     from launcher.outcome import run_summary
     from launcher.prepare import compose, prepare
 
-    if args.insecure == bool(args.ca):
-        raise DeployError("give --ca CA_CERT (TLS) or --insecure")
     cfg = prepare(compose(args.overrides, Path(args.resume) if args.resume else None))
     run = train(cfg, superlink=args.superlink, ca_cert=Path(args.ca) if args.ca else None,
                 timeout=args.timeout)

@@ -16,11 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from common.adapter import adapter_state
-from common.config import Config, from_json, load_config
+from common.config import Config, from_json, load_config, packaged_defaults
 from common.data import load_manifest
 from common.preflight import (check_device, check_test_labels, check_trackers,
                               check_train_labels, check_writable)
 from common.privacy import expected_sampled_sites, noise_to_signal, resolve_noise_multiplier
+from common.rules import DP_SGD_OFF
 from common.strategies import LORA_MODES
 from common.task import cached_bundle, resolve_data
 from launcher.processes import DeployError
@@ -50,12 +51,26 @@ def prepare(cfg: Config) -> Config:
     train_ds, _ = load_manifest(cfg.data.train, modalities=used)
     test_ds, _ = load_manifest(cfg.data.test, modalities=used)
     check_train_labels(train_ds, cfg.data.train)
+    turned_off = dp_turned_off(cfg)
+    if turned_off:
+        print(f"fedmm: privacy.dp=local turns off {', '.join(turned_off)} (DP-SGD refuses them)",
+              flush=True)
     noise_advice(cfg, site_train_rows(cfg, len(train_ds)))
     check_test_labels(cfg.data.labels, test_ds, cfg.data.test)
     check_device(cfg.device)
     check_writable(Path(cfg.output_dir))
     check_trackers(cfg.logging)
     return cfg
+
+
+def dp_turned_off(cfg: Config) -> list[str]:
+    """The local-training options of the packaged defaults that local DP-SGD runs without (its
+    preset, privacy=local_dp, sets them off): "train.<key> (<default> -> <value>)" each."""
+    if cfg.privacy.dp != "local":
+        return []
+    default = packaged_defaults()["train"]
+    return [f"train.{key} ({default[key]:g} -> {value:g})" for key, value in vars(cfg.train).items()
+            if key in DP_SGD_OFF and value != default[key]]
 
 
 def site_train_rows(cfg: Config, train_rows: int) -> int:

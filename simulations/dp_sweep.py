@@ -26,7 +26,7 @@ from common.config import ConfigError, from_json, load_config
 from common.privacy import local_noise_multiplier, noise_to_signal
 from launcher.prepare import noised_coordinates, site_train_rows
 from launcher.processes import DeployError
-from simulations.run import launch, prepare
+from simulations.federation import launch, prepare
 from simulations.sweep import write_comparison
 
 PRESETS = {"central": "privacy=central_dp", "local": "privacy=local_dp"}

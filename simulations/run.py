@@ -4,11 +4,12 @@
     python -m simulations.run strategy=fedprox partition.alpha=0.1 partition.num_clients=8
     python -m simulations.run data=manifest data.train=/d/train.csv data.test=/d/test.csv
 
-Composes and validates the config, prepares the data and checks the split (a bad value stops
-here, before any work, with one line naming the key), then runs the ServerApp/ClientApp of this
-repository through `flwr run` and prints the run's summary.json. A run that did not complete,
-or in which fewer than `strategy.min_completed_rounds` rounds aggregated an update, exits
-non-zero with one line saying why (launcher/outcome.py).
+Composes and validates the config first (a bad value stops here, in about a second, with one
+line naming the key: torch, PEFT and the datasets stack are imported only after), then
+simulations/federation.py prepares the data, checks the split and runs the federation; prints
+the run's summary.json. A run that did not complete, or in which fewer than
+`strategy.min_completed_rounds` rounds aggregated an update, exits non-zero with one line saying
+why (launcher/outcome.py).
 """
 
 from __future__ import annotations
@@ -16,81 +17,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from pathlib import Path
-
-import torch
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from common import keys
-from common.config import CONF_DIR, Config, ConfigError, to_json, validate
-from common.data import ManifestError, load_manifest
-from common.files import write_json_atomic
-from common.partition import OTHER, label_counts, natural_sites, partition_indices, site_names
-from common.task import has_skew, site_data
-from launcher.outcome import run_summary
-from launcher.prepare import prepare as prepare_run
+from common.config import CONF_DIR, ConfigError, validate
 from launcher.processes import DeployError
-from launcher.simulation import run_app
-from simulations.baselines import BASELINES
-from simulations.partition_report import write_partition_report
-
-APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml + packages
-
-
-def prepare(cfg: Config) -> Config:
-    """Resolve paths, generate or check the data, and check the split before any training."""
-    cfg = prepare_run(cfg)
-    train_ds, _ = load_manifest(cfg.data.train, modalities=cfg.model.modalities)
-    parts = partition_indices(train_ds, cfg.partition, cfg.seed)
-    names = list(cfg.data.labels)
-    small = None
-    if cfg.partition.name == "natural":
-        plan = natural_sites(train_ds, cfg.partition)
-        small = plan.report()
-        print(f"fedmm: natural split by column {cfg.partition.column!r}: {len(plan.site_of)} "
-              f"values -> {len(plan.names)} sites ({len(plan.merged)} merged into "
-              f"{OTHER!r}, {len(plan.dropped)} dropped with {plan.dropped_rows} rows)",
-              flush=True)
-    write_partition_report(Path(cfg.output_dir), names, label_counts(train_ds, parts, names),
-                           [len(p) for p in parts], modality=site_skews(cfg, names),
-                           site_names=site_names(train_ds, cfg.partition), small_sites=small)
-    return cfg
-
-
-def site_skews(cfg: Config, names: list[str]) -> list[dict] | None:
-    """Per site: modality availability and realised skews (None when no skew is set)."""
-    if not has_skew(cfg):
-        return None
-    out = []
-    for site in range(cfg.partition.num_clients):
-        train, val, stats = site_data(cfg, train_manifest=str(cfg.data.train),
-                                      partition_id=site, with_stats=True)
-        present = {f"{m}_present": float(torch.cat([train.has(m), val.has(m)]).float().mean())
-                   for m in cfg.model.modalities}
-        out.append({**present, **stats})
-    return out
-
-
-def launch(cfg: Config) -> dict:
-    """Run the federation for a prepared config; return its summary (DeployError if it failed:
-    Flower's run did not complete, or too few rounds aggregated an update)."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    federation = {"num-supernodes": cfg.partition.num_clients,
-                  "client-resources-num-cpus": cfg.simulation.client_num_cpus,
-                  "client-resources-num-gpus": float(cfg.simulation.client_num_gpus)}
-    run = run_app(APP_DIR, {keys.RUN_CONFIG: to_json(cfg)}, federation,
-                  timeout=cfg.simulation.timeout_s, log_path=out / "flower.log",
-                  env_extra={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                             "TOKENIZERS_PARALLELISM": "false"})
-    summary = run_summary(run, out, resume=f"resume with resume=true output_dir={out}")
-    if summary["rounds_without_updates"]:
-        print(f"fedmm: warning: {summary['rounds_without_updates']} round(s) got no usable "
-              f"update (see 'rejected' in {out / 'metrics.jsonl'})", file=sys.stderr)
-    return summary
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
@@ -103,24 +36,19 @@ def main(raw: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         raw.output_dir = HydraConfig.get().runtime.output_dir  # one folder per (multi)run job
-        cfg = prepare(validate(raw))
-        summary = launch(cfg)
+        cfg = validate(raw)
+    except ConfigError as err:
+        sys.exit(f"fedmm: {err}")
+    from common.data import ManifestError  # the heavy imports, once the config is valid
+    from simulations import federation
+
+    try:
+        summary = federation.launch(federation.prepare(cfg))
     except (ConfigError, ManifestError, DeployError) as err:
         sys.exit(f"fedmm: {err}")
     if cfg.baselines:
-        summary = add_baselines(cfg, summary)
+        summary = federation.add_baselines(cfg, summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
-
-
-def add_baselines(cfg: Config, summary: dict) -> dict:
-    """Train the configured baselines on the same split; add them and the gap to the summary."""
-    for name in cfg.baselines:
-        print(f"fedmm: training the {name} baseline", flush=True)
-        summary.update(BASELINES[name](cfg))
-    if "centralized_accuracy" in summary and summary["centralized_accuracy"] > 0:
-        summary["federated_gap"] = summary["test_accuracy"] / summary["centralized_accuracy"]
-    write_json_atomic(Path(cfg.output_dir) / "summary.json", summary)
-    return summary
 
 
 if __name__ == "__main__":

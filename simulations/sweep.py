@@ -6,8 +6,10 @@ writes, in the sweep folder, `comparison.csv` and `comparison.md` (final and bes
 macro-F1, rounds to the target accuracy, the worst site's held-out accuracy and the mean
 personalization gain where sites evaluated, total bytes uploaded, wall time; one row per run)
 and `accuracy.png` (test accuracy against round, one line per run; beside it the worst site's
-accuracy per round when any run has per-site figures). `write_comparison(sweep_dir)` also works
-on any folder of finished runs.
+accuracy per round when any run has per-site figures). Runs that differ only in `seed` are
+also averaged: `seed_means.csv` and a second table in `comparison.md` (mean, min and max final
+accuracy, mean worst site). `write_comparison(sweep_dir)` also works on any folder of finished
+runs.
 """
 
 from __future__ import annotations
@@ -93,9 +95,41 @@ def write_comparison(sweep_dir: Path, target_accuracy: float = 0.9) -> list[Path
                  "-" if row["site_round_s"] is None else f"{row['site_round_s']:.1f}",
                  f"{row['wall_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    paths = [csv_path, md_path, png_path]
+    means = seed_means(rows)
+    if any(m["seeds"] > 1 for m in means):
+        paths.insert(2, sweep_dir / "seed_means.csv")
+        with paths[2].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(means[0]))
+            writer.writeheader()
+            writer.writerows(means)
+        lines += ["", "Mean over seeds:", "",
+                  "| run | seeds | final_accuracy mean | min | max | worst_site_accuracy mean |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {m['run'] or '(all)'} | {m['seeds']} | {m['final_accuracy_mean']:.3f} | "
+                  f"{m['final_accuracy_min']:.3f} | {m['final_accuracy_max']:.3f} | "
+                  f"{_maybe(m['worst_site_accuracy_mean'], '{:.3f}')} |" for m in means]
     md_path.write_text("\n".join(lines) + "\n")
     _plot(rows, png_path)
-    return [csv_path, md_path, png_path]
+    return paths
+
+
+def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run name with its `seed=` override left out: the seeds' mean, min, max."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        name = " ".join(o for o in row["run"].split() if not o.startswith("seed="))
+        groups.setdefault(name, []).append(row)
+    out = []
+    for name, group in groups.items():
+        final = [r["final_accuracy"] for r in group]
+        worst = [r["worst_site_accuracy"] for r in group]
+        out.append({"run": name, "seeds": len(group),
+                    "final_accuracy_mean": round(sum(final) / len(final), 4),
+                    "final_accuracy_min": min(final), "final_accuracy_max": max(final),
+                    "worst_site_accuracy_mean": None if None in worst
+                    else round(sum(worst) / len(worst), 4)})
+    return out
 
 
 def _maybe(value: float | None, fmt: str) -> str:

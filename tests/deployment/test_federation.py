@@ -84,11 +84,12 @@ def write_rogue_key(folder):
 def test_secagg_across_real_processes_equals_plaintext_within_its_bound(federation,
                                                                         reference_run):
     out = federation.root / "runs" / "secagg"
-    code, log = federation.run_fedmm(federation.train_args(out, "privacy=secagg"),
-                                     federation.root / "secagg.log")
+    code, log = federation.run_fedmm(  # one round: repeated rounds are tested in simulation
+        federation.train_args(out, "privacy=secagg", "strategy.rounds=1"),
+        federation.root / "secagg.log")
     assert code == 0, log[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1]
     assert all(r["replied"] == len(SITES) for r in rows[1:])
     # round 1 starts from the same global adapter with the same site seeds as the plaintext run
     masked = load_file(str(out / "adapters" / "round-001" / "adapter_model.safetensors"))

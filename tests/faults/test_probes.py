@@ -276,6 +276,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # process's streams), with Flower's run replaced by one whose every round lost every reply
 FAKED_SIMULATION = """
 import sys
+import simulations.federation as federation
 import simulations.run as run
 from launcher.flwr_cli import FlowerRun
 from tests.faults.test_probes import _failed_summary
@@ -288,7 +289,7 @@ def run_app(*_args, log_path, **_kwargs):
     return FlowerRun(run_id=1, status="finished:completed", log_path=log_path)
 
 
-run.prepare, run.run_app = (lambda cfg: cfg), run_app
+federation.prepare, federation.run_app = (lambda cfg: cfg), run_app
 sys.argv = ["simulations.run", *sys.argv[1:]]
 run.main()
 """

@@ -20,7 +20,7 @@ from common.demo_data import generate
 from common.model import Bundle, build_backbone, read_label_names
 from common.task import load_test_split
 from common.train import evaluate
-from simulations.run import launch, prepare
+from simulations.federation import launch, prepare
 from tests.conftest import tiny_overrides
 
 

@@ -9,7 +9,7 @@ from common.config import load_config
 from common.data import load_manifest
 from common.partition import partition_indices
 from simulations.baselines import centralized, local
-from simulations.run import prepare
+from simulations.federation import prepare
 
 
 @pytest.fixture(scope="module")

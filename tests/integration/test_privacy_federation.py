@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from common.config import load_config
 from common.demo_data import generate
-from simulations.run import launch, prepare
+from simulations.federation import launch, prepare
 from tests.conftest import tiny_overrides
 
 

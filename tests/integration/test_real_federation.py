@@ -24,7 +24,7 @@ from common.model import Bundle, build_backbone, read_label_names
 from common.data import encode, load_manifest
 from common.task import input_encoding, partition_site_name, site_data
 from common.train import predict
-from simulations.run import launch, prepare
+from simulations.federation import launch, prepare
 from tests.conftest import tiny_overrides
 
 # two sites of 30 rows and a long tail: two 1-row, a 3-row and a 5-row site (merged: 10)

@@ -189,3 +189,17 @@ def test_rebalance_moves_labels_the_small_site_already_holds():
 def test_fewer_samples_than_clients_is_refused():
     with pytest.raises(ConfigError, match="partition.num_clients"):
         partition_indices(_dataset(5), _cfg(num_clients=8, min_partition_size=0), 0)
+
+
+def test_restricted_softmax_note_names_the_sites_that_lack_a_class():
+    """The run log says where the restricted softmax acts: pathological sites (2 of 6 labels)
+    each lack classes, IID sites of 600 rows hold all six and leave it inert."""
+    from simulations.federation import restricted_softmax_note
+
+    ds, names = _dataset(), [f"c{i}" for i in range(6)]
+    skewed = label_counts(ds, partition_indices(ds, _cfg(name="pathological"), 0), names)
+    note = restricted_softmax_note(0.0, skewed)
+    assert "acts at the 8 of 8 sites that lack a class (0, 1, 2, 3, 4, 5, 6, 7)" in note
+    iid = label_counts(ds, partition_indices(ds, _cfg(name="iid", num_clients=4), 0), names)
+    assert restricted_softmax_note(0.0, iid).endswith("is inert: each of the 4 sites holds "
+                                                      "every class")

@@ -94,6 +94,8 @@ def test_secagg_mean_of_flowers_quantised_uploads_is_within_the_bound(seed):
     (["privacy=local_dp", "train.absent_class_scale=0"], "train.absent_class_scale"),
     (["privacy=local_dp", "train.modality_dropout_text=0.5"], "train.modality_dropout_text"),
     (["privacy=local_dp", "train.max_grad_norm=1"], "train.max_grad_norm"),
+    (["privacy=local_dp", "train.proximal_mu=0.1"], "train.proximal_mu"),
+    (["privacy=local_dp", "strategy=fedprox"], "strategy.name"),
     (["privacy=central_dp", "privacy.per_layer_clipping=true"], "privacy.per_layer_clipping"),
     (["privacy.per_layer_clipping=true"], "privacy.per_layer_clipping"),
     (["privacy=secagg", "resume=true"], "resume"),
@@ -120,6 +122,22 @@ def test_incompatible_privacy_settings_are_refused_with_one_line_naming_the_key(
 def test_linear_modes_compose_with_privacy(overrides, expected):
     cfg = load_config(overrides)
     assert {key: value_at(cfg, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("recipe", ["plain", "label_skew", "prox_rs"])
+def test_the_local_dp_preset_turns_off_what_dp_sgd_refuses_and_says_so(recipe, capsys):
+    """Whatever `train` chose, privacy=local_dp runs without the options DP-SGD refuses; the
+    launcher's line names those the packaged default has on."""
+    from common.rules import DP_SGD_OFF
+    from launcher.prepare import dp_turned_off
+
+    cfg = load_config([f"train={recipe}", "privacy=local_dp"])
+    assert {k: value_at(cfg, f"train.{k}") for k in DP_SGD_OFF} == {
+        k: 1.0 if k == "absent_class_scale" else 0.0 for k in DP_SGD_OFF}
+    default = load_config([]).train
+    expected = [k for k in DP_SGD_OFF if getattr(default, k) != getattr(cfg.train, k)]
+    assert [line.split(" ")[0] for line in dp_turned_off(cfg)] == [f"train.{k}" for k in expected]
+    assert dp_turned_off(load_config([f"train={recipe}"])) == []
 
 
 def test_central_dp_accountant_state_survives_a_checkpoint():

@@ -66,3 +66,23 @@ def test_worst_site_and_personal_gain_columns_and_panel(tmp_path):
     write_comparison(tmp_path)
     with Image.open(tmp_path / "accuracy.png") as narrow:
         assert width > 1.8 * narrow.width
+
+
+def test_runs_that_differ_only_in_seed_are_averaged(tmp_path):
+    for i, (train, seed, final) in enumerate([("plain", 0, 0.5), ("plain", 1, 0.7),
+                                              ("prox_rs", 0, 0.9), ("prox_rs", 1, 1.0)]):
+        _fake_run(tmp_path, str(i), [0.1, final], [f"train={train}", f"seed={seed}"])
+    paths = write_comparison(tmp_path)
+    assert [p.name for p in paths][2] == "seed_means.csv"
+    means = {r["run"]: r for r in csv.DictReader(open(tmp_path / "seed_means.csv"))}
+    assert means["train=plain"]["seeds"] == "2"
+    assert abs(float(means["train=plain"]["final_accuracy_mean"]) - 0.6) < 1e-9
+    assert float(means["train=prox_rs"]["final_accuracy_min"]) == 0.9
+    assert "| train=prox_rs | 2 | 0.950 | 0.900 | 1.000 | - |" in (
+        tmp_path / "comparison.md").read_text()
+
+
+def test_one_seed_per_run_writes_no_seed_means(tmp_path):
+    _fake_run(tmp_path, "0", [0.1, 0.5], ["train=plain", "seed=0"])
+    _fake_run(tmp_path, "1", [0.1, 0.6], ["train=prox_rs", "seed=0"])
+    assert "seed_means.csv" not in [p.name for p in write_comparison(tmp_path)]
