@@ -124,7 +124,7 @@ def test_linear_modes_compose_with_privacy(overrides, expected):
     assert {key: value_at(cfg, key) for key in expected} == expected
 
 
-@pytest.mark.parametrize("recipe", ["plain", "label_skew", "prox_rs"])
+@pytest.mark.parametrize("recipe", ["default", "plain", "label_skew", "prox_rs"])
 def test_the_local_dp_preset_turns_off_what_dp_sgd_refuses_and_says_so(recipe, capsys):
     """Whatever `train` chose, privacy=local_dp runs without the options DP-SGD refuses; the
     launcher's line names those the packaged default has on."""
