@@ -41,3 +41,12 @@ def test_seed_means_best_recipe_and_the_defaults_gap(tmp_path):
     assert len(list(csv.DictReader(open(paths[0])))) == 2
     with Image.open(paths[2]) as img:
         assert img.width > 400
+
+
+def test_every_listed_split_and_recipe_composes():
+    from simulations.defaults_sweep import RECIPES, SHARED, SPLITS
+
+    for recipe, (overrides, splits, seeds) in RECIPES.items():
+        for split in splits:
+            cfg = load_config([*SPLITS[split], *overrides, *SHARED, f"seed={seeds[-1]}"])
+            assert cfg.strategy.fraction_evaluate == 1.0, (split, recipe)
