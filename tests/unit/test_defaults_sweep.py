@@ -43,10 +43,11 @@ def test_seed_means_best_recipe_and_the_defaults_gap(tmp_path):
         assert img.width > 400
 
 
-def test_every_listed_split_and_recipe_composes():
-    from simulations.defaults_sweep import RECIPES, SHARED, SPLITS
+def test_every_listed_split_and_recipe_composes(tmp_path):
+    from simulations.defaults_sweep import RECIPES, overrides_of
 
-    for recipe, (overrides, splits, seeds) in RECIPES.items():
+    for recipe, (_, splits, seeds) in RECIPES.items():
         for split in splits:
-            cfg = load_config([*SPLITS[split], *overrides, *SHARED, f"seed={seeds[-1]}"])
+            cfg = load_config(overrides_of(split, recipe, seeds[-1], tmp_path))
             assert cfg.strategy.fraction_evaluate == 1.0, (split, recipe)
+            assert cfg.output_dir == str(tmp_path / split / f"{recipe}-seed{seeds[-1]}")
