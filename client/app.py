@@ -23,7 +23,7 @@ from common.train import train_local
 from client.compression import upload_record
 from client.personal import after_train, before_train, personal_metrics
 from client.privacy import local_dp_train, privacy_mod
-from client.site import Site, load_site, ready_to_train, run_config
+from client.site import Site, load_site, note_restricted_softmax, ready_to_train, run_config
 from client.timing import message_started
 
 app = ClientApp()
@@ -37,6 +37,8 @@ def train(msg: Message, context: Context) -> Message:
     site = load_site(msg, context)
     ready = ready_to_train(site)  # the stems are computed: start-up ends, training starts
     cfg = site.cfg
+    if keys.DATA_PATH in context.node_config:  # deployed: the site's own log says it
+        note_restricted_softmax(site)
     _maybe_hang(site, context)
     before_train(site, context)  # fedsa: this site's own LoRA B
     started = time.perf_counter()

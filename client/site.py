@@ -29,6 +29,7 @@ from common.task import cached_bundle, partition_site_name, resolve_data, site_d
 from common.train import pick_device
 
 _CONFIGS: dict[str, Config] = {}
+_NOTED: set[tuple[str, str]] = set()  # (run config, site) pairs whose site log has the note
 
 
 def run_config(context: Context) -> Config:
@@ -104,6 +105,22 @@ def load_site(msg: Message, context: Context) -> Site:
     seed = cfg.seed * 100_003 + server_round * 1_009 + site_number(context)
     device = pick_device(str(node.get(keys.DEVICE, cfg.device)))
     return Site(cfg, server_round, bundle, train, val, device, global_state, seed, name)
+
+
+def note_restricted_softmax(site: Site) -> None:
+    """A deployed site's log says once per run whether FedRS's restricted softmax acts here
+    (this site lacks a class) or is inert (the simulation launcher says it for all sites)."""
+    scale = site.cfg.train.absent_class_scale
+    key = (site.cfg.output_dir, site.name)
+    if scale >= 1 or key in _NOTED:
+        return
+    _NOTED.add(key)
+    held = set(site.train.labels.unique().tolist())
+    lacking = [n for i, n in enumerate(site.bundle.label_names) if i not in held]
+    where = (f"acts here: this site lacks {', '.join(lacking)}" if lacking else
+             "is inert here: this site holds every class")
+    print(f"[fedmm] site {site.name}: restricted softmax (train.absent_class_scale={scale:g}) "
+          f"{where}", flush=True)
 
 
 def ready_to_train(site: Site) -> float:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,12 +67,34 @@ def test_train_replies_with_only_the_adapter_within_the_upload_cap(setup):
     assert np.isfinite(metrics[keys.TRAIN_LOSS])
 
 
-def test_deployed_site_reads_its_manifest_from_node_config(setup):
+def test_deployed_site_reads_its_manifest_from_node_config(setup, capsys):
     cfg, train, labels, initial = setup
     reply = client_app(_message(cfg, train, labels, initial, "train"),
                        _context(cfg, {keys.DATA_PATH: str(train)}))
     assert not reply.has_error()
     assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 120 - 12  # all rows, 10% held out
+    assert cfg.train.absent_class_scale < 1  # the default: the site's log says where it acts
+    assert "restricted softmax (train.absent_class_scale=0.5) is inert here" in \
+        capsys.readouterr().out
+
+
+def test_a_deployed_site_lacking_a_class_says_restricted_softmax_acts_there(setup, capsys):
+    cfg, train, labels, initial = setup
+    with open(train, newline="") as f:
+        rows = list(csv.DictReader(f))
+    site = Path(train).with_name("lacking.csv")  # beside train.csv: its image paths resolve
+    with site.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["label"] != labels[0])
+    context = _context(cfg, {keys.DATA_PATH: str(site)})
+    for server_round in (1, 2):
+        reply = client_app(_message(cfg, train, labels, initial, "train", server_round), context)
+        assert not reply.has_error()
+    out = capsys.readouterr().out
+    assert out.count("restricted softmax") == 1  # once per run, not every round
+    assert f"[fedmm] site lacking: restricted softmax (train.absent_class_scale=0.5) acts " \
+           f"here: this site lacks {labels[0]}" in out
 
 
 def test_evaluate_reports_loss_and_accuracy_on_held_out_rows(setup):
