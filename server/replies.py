@@ -4,15 +4,17 @@
 metrics, bad modality counts, LoRA factors that do not pair, then `rejection_reason`'s layout,
 dtype, NaN/Inf and num-examples checks); `decode_array` reads a reply's bytes as a read-only
 NumPy view when they are exactly what np.save writes; `site_results` gathers the per-site
-evaluation figures that metrics.jsonl records.
+evaluation figures that metrics.jsonl records; `in_content_order` orders replies by what they
+hold, not by when they came, so that a round's float sums are the same bits in every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
@@ -76,6 +78,31 @@ SITE_FIELDS = {keys.EVAL_ACCURACY: "accuracy", keys.EVAL_MACRO_F1: "macro_f1",
                keys.EVAL_LOSS: "loss", keys.NUM_EXAMPLES: "num_examples",
                keys.PERSONAL_ACCURACY: "personal_accuracy",
                keys.PERSONAL_MACRO_F1: "personal_macro_f1"}  # evaluate reply -> metrics.jsonl
+
+
+def in_content_order(replies: Iterable[Message]) -> list[Message]:
+    """The replies sorted by a digest of their arrays, example count and site name (error
+    replies first, in arrival order: they are only counted and named).
+
+    Flower hands replies over in arrival order and sums them in list order; float addition is
+    not associative, so arrival order would reach the global adapter's last bits and, through
+    the next rounds' training, the accuracies. Timings are left out of the digest: they differ
+    between runs, the content does not.
+    """
+    return sorted(replies, key=_content_digest)
+
+
+def _content_digest(msg: Message) -> bytes:
+    if msg.has_error():
+        return b""
+    h = hashlib.blake2b(digest_size=16)
+    for key, value in msg.content.array_records.get(keys.ARRAYS, {}).items():
+        h.update(key.encode())
+        h.update(value.data)
+    metrics = msg.content.metric_records.get(keys.METRICS, {})
+    site = msg.content.config_records.get(keys.SITE, {})
+    h.update(f"{metrics.get(keys.NUM_EXAMPLES)} {site.get(keys.SITE_NAME)}".encode())
+    return h.digest()
 
 
 def site_results(replies: list[Message]) -> dict[str, dict]:

@@ -51,8 +51,8 @@ from common.strategies import LORA_MODES, site_only, traits
 from server.flower_state import (aggregate_train_metrics, read_optimizer_state,
                                  write_optimizer_state)
 from server.normbounded import NormBoundedFedAvg
-from server.replies import (DecodedArray, decode_arrays, reply_problem, site_results,
-                            to_record, uploaded_bytes)
+from server.replies import (DecodedArray, decode_arrays, in_content_order, reply_problem,
+                            site_results, to_record, uploaded_bytes)
 
 log = logging.getLogger("fedmm.server")
 
@@ -189,7 +189,7 @@ class ScreenedStrategy(Strategy):
                            ) -> MetricRecord | None:
         """Keep each site's figures on its held-out share; Flower averages them as usual."""
         server_round += self.round_offset
-        replies = list(replies)
+        replies = in_content_order(replies)
         stats = self.round_stats.setdefault(server_round, RoundStats())
         stats.sites = site_results(replies)
         return self.inner.aggregate_evaluate(server_round, replies)
@@ -315,7 +315,7 @@ class ScreenedStrategy(Strategy):
 
     def _aggregate_train(self, server_round: int, replies: Iterable[Message]
                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept = self.screen(server_round, replies)
+        kept = self.screen(server_round, in_content_order(replies))
         if self.dp_release is not None:  # every round releases, whatever the replies
             return self.release_dp_sum(server_round, kept)
         if 0 < len(kept) < self.cfg.min_train_nodes:  # too few valid updates: keep the global

@@ -147,3 +147,27 @@ def test_a_round_without_valid_updates_is_not_aggregated():
     strategy = make_strategy(_cfg(), ArrayRecord({k: Array(v) for k, v in _arrays(rng).items()}))
     strategy.aggregate_train(1, [])
     assert not strategy.round_stats[1].aggregated
+
+
+def test_the_aggregate_is_the_same_bits_whatever_order_the_replies_arrive_in():
+    """Flower lists replies as they arrive; float sums depend on the order (shown with NumPy
+    on these values), the global adapter must not."""
+    from itertools import permutations
+
+    from common.lora_math import weighted_mean
+
+    rng = np.random.default_rng(5)
+    strategy = make_strategy(_cfg(), ArrayRecord({k: Array(v) for k, v in _arrays(rng).items()}))
+    states = [_arrays(rng) for _ in range(3)]
+    for state, big in zip(states, (1e17, 1.0, -1e17)):
+        state["head"][0] = big
+    naive = {float(weighted_mean([states[i]["head"] for i in order], [1, 1, 1])[0])
+             for order in permutations(range(3))}
+    assert len(naive) > 1  # arrival order would reach the result
+    results = []
+    for order in permutations(range(3)):
+        arrays, _ = strategy.aggregate_train(1, [_reply(states[i], 10) for i in order])
+        results.append({k: arrays[k].numpy() for k in SHAPES})
+    for result in results[1:]:
+        for key in SHAPES:
+            np.testing.assert_array_equal(result[key], results[0][key], err_msg=key)
