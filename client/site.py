@@ -29,7 +29,7 @@ from common.task import cached_bundle, partition_site_name, resolve_data, site_d
 from common.train import pick_device
 
 _CONFIGS: dict[str, Config] = {}
-_NOTED: set[tuple[str, str]] = set()  # (run config, site) pairs whose site log has the note
+_NOTED: set[tuple[str, str]] = set()  # (run folder, site) pairs whose log has the note
 
 
 def run_config(context: Context) -> Config:

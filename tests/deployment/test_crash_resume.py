@@ -1,6 +1,6 @@
 """Kill the ServerApp with SIGKILL after round 1; resume; the run ends as if uninterrupted.
 
-Tolerance (README, "Checkpoint and resume"): every site's shuffling and dropout are seeded by
+Expectation (README, "Checkpoint and resume"): every site's shuffling and dropout are seeded by
 (seed, round, site name), and the server restores adapter, strategy state and RNG states, so
 the resumed run repeats the uninterrupted one bit for bit (replies are aggregated in content
 order, not arrival order): the same metrics and the same adapter tensors.
