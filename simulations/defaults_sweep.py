@@ -55,16 +55,20 @@ COLUMNS = ("split", "recipe", "seeds", "final_accuracy_mean", "final_accuracy_mi
            "final_accuracy_max", "worst_site_accuracy_mean", "rounds_to_0.9_mean", "is_default")
 
 
+def run_dir(split: str, recipe: str, seed: int, out: Path) -> Path:
+    """Where one run writes: `out/<split>/<recipe>-seed<k>`."""
+    return out / split / f"{recipe}-seed{seed}"
+
+
 def overrides_of(split: str, recipe: str, seed: int, out: Path) -> list[str]:
-    """The Hydra overrides of one run; its folder `out/<split>/<recipe>-seed<k>` is quoted
-    (a probe's name holds an `=`)."""
-    run_dir = out / split / f"{recipe}-seed{seed}"
-    return [*SPLITS[split], *RECIPES[recipe][0], *SHARED, f"seed={seed}", f"output_dir='{run_dir}'"]
+    """The Hydra overrides of one run; its folder is quoted (a probe's name holds an `=`)."""
+    return [*SPLITS[split], *RECIPES[recipe][0], *SHARED, f"seed={seed}",
+            f"output_dir='{run_dir(split, recipe, seed, out)}'"]
 
 
 def run_one(split: str, recipe: str, seed: int, out: Path) -> None:
     """One federation, unless its run folder already holds a summary."""
-    if (out / split / f"{recipe}-seed{seed}" / "summary.json").is_file():
+    if (run_dir(split, recipe, seed, out) / "summary.json").is_file():
         return
     print(f"fedmm: defaults sweep: {split} / {recipe} / seed {seed}", flush=True)
     launch(prepare(load_config(overrides_of(split, recipe, seed, out))))
